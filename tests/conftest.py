@@ -1,0 +1,59 @@
+"""Shared fixtures: tiny configs, tiny random checkpoints in the real on-disk layout, caches in tmp."""
+
+from __future__ import annotations
+
+import os
+
+# Tests never touch the network or the user's caches.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from vqgan_datasets.config import VQGANConfig  # noqa: E402
+
+# f4, attention at the downsampled 16×16 level: the smallest config with every module kind.
+TINY = VQGANConfig(
+    ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(16,), resolution=64,
+    z_channels=32, embed_dim=16, n_embed=64,
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_config() -> VQGANConfig:
+    return TINY
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_config):
+    from vqgan_datasets.modeling import VQModel
+
+    return VQModel(tiny_config, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tiny_model, tmp_path_factory):
+    """A random tiny checkpoint saved as config.json + model.safetensors + flax_model.msgpack."""
+    out = tmp_path_factory.mktemp("tiny_model")
+    tiny_model.save_pretrained(out)
+    return out
+
+
+def photos(size: int, count: int = 4) -> np.ndarray:
+    """Real photos from scikit-image, centre-cropped and resized to size×size uint8 RGB."""
+    from PIL import Image
+    from skimage import data
+
+    out = []
+    for name in ("astronaut", "coffee", "chelsea", "rocket", "motorcycle_left", "immunohistochemistry")[:count]:
+        array = getattr(data, name)()
+        if array.ndim == 3 and array.shape[2] == 4:
+            array = array[..., :3]
+        h, w = array.shape[:2]
+        side = min(h, w)
+        top, left = (h - side) // 2, (w - side) // 2
+        crop = Image.fromarray(array[top : top + side, left : left + side])
+        out.append(np.asarray(crop.resize((size, size), Image.LANCZOS)))
+    return np.stack(out)

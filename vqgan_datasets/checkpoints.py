@@ -1,0 +1,511 @@
+"""Checkpoint files: Hub/local resolution, msgpack and safetensors I/O, taming .ckpt conversion,
+and the weights digest used in dataset fingerprints.
+
+On-disk layout (vqgan-jax's, plus safetensors): `config.json`, `flax_model.msgpack` (the bare
+parameter tree) and/or `model.safetensors` (the same tree flattened with "." separators).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import re
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .config import VQGANConfig
+
+logger = logging.getLogger(__name__)
+
+CONFIG_NAME = "config.json"
+MSGPACK_NAME = "flax_model.msgpack"
+SAFETENSORS_NAME = "model.safetensors"
+_WEIGHT_FILES = (SAFETENSORS_NAME, MSGPACK_NAME)  # preference order: safetensors runs no code
+_TOP_LEVEL = ("encoder", "decoder", "quantize", "quant_conv", "post_quant_conv")
+
+# Public checkpoints whose config.json predates our `value_range` key. The evidence for each
+# range is cited in model/README.md.
+KNOWN_VALUE_RANGES: dict[str, tuple[float, float]] = {
+    "flax-community/vqgan_f16_16384": (-1.0, 1.0),
+    "dalle-mini/vqgan_imagenet_f16_16384": (-1.0, 1.0),
+    "boris/vqgan_f16_16384": (-1.0, 1.0),
+}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint could not be found, read, or does not match its config."""
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointSource:
+    """Where weights came from: enough to name them in dataset metadata and fingerprints."""
+
+    name: str  # Hub repo id or local path as the user gave it
+    revision: str | None  # resolved commit hash for Hub checkpoints
+    weights_file: str | None  # absolute path of the file read
+    weights_digest: str  # "sha256:<hex>" of the weights file (or of the params, in memory)
+
+
+# ---------------------------------------------------------------------------------------------
+# Resolution: Hub id or local directory → a local directory with config.json and weights.
+
+
+def resolve(
+    name_or_path: str | os.PathLike,
+    *,
+    revision: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    token: str | bool | None = None,
+    local_files_only: bool | None = None,
+) -> tuple[Path, str | None]:
+    """A local directory holding the checkpoint, and the Hub commit hash when it came from the Hub.
+
+    Local directories win; anything else is a Hub repo id fetched through huggingface_hub, which
+    honours HF_HOME, HF_HUB_CACHE and HF_HUB_OFFLINE.
+    """
+    path = Path(os.fspath(name_or_path)).expanduser()
+    if path.is_dir():
+        return path, None
+    name = os.fspath(name_or_path)
+    if path.suffix in (".ckpt", ".pt", ".pth") or os.sep in name.strip("/").replace("/", "", 1):
+        raise CheckpointError(
+            f"{name!r} is neither a model directory nor a Hub repo id; for a taming .ckpt file, "
+            "run vqgan_datasets.convert_taming_checkpoint(...) (CLI: vqgan-datasets convert) first"
+        )
+    return _download(name, revision, cache_dir, token, local_files_only)
+
+
+def _download(repo_id, revision, cache_dir, token, local_files_only) -> tuple[Path, str | None]:
+    import huggingface_hub
+    from huggingface_hub import constants as hub_constants
+    from huggingface_hub.utils import (
+        EntryNotFoundError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    def fetch(filename: str) -> str:
+        return huggingface_hub.hf_hub_download(
+            repo_id,
+            filename,
+            revision=revision,
+            cache_dir=cache_dir,
+            token=token,
+            local_files_only=bool(local_files_only),
+        )
+
+    offline = hub_constants.HF_HUB_OFFLINE or local_files_only
+    try:
+        config_file = Path(fetch(CONFIG_NAME))
+        for weights in _WEIGHT_FILES:
+            try:
+                fetch(weights)
+                break
+            except (EntryNotFoundError, LocalEntryNotFoundError):
+                continue
+        else:
+            raise CheckpointError(
+                f"Hub repo {repo_id!r} (revision {revision or 'main'}) has {CONFIG_NAME} but neither "
+                f"{SAFETENSORS_NAME} nor {MSGPACK_NAME}"
+                + (" in the local cache" if offline else "")
+            )
+    except CheckpointError:
+        raise
+    except LocalEntryNotFoundError as err:
+        raise CheckpointError(
+            f"model {repo_id!r} (revision {revision or 'main'}) is not in the local Hugging Face "
+            f"cache ({hub_constants.HF_HUB_CACHE}) and the Hub cannot be reached"
+            f"{' (HF_HUB_OFFLINE is set)' if offline else ''}. Download it once with network "
+            f"access (`hf download {repo_id}`), or pass a local model directory."
+        ) from err
+    except (RepositoryNotFoundError, RevisionNotFoundError) as err:
+        raise CheckpointError(
+            f"Hub repo {repo_id!r} or revision {revision or 'main'!r} does not exist or needs a "
+            f"token (HF_TOKEN): {err.__class__.__name__}"
+        ) from err
+    except (HfHubHTTPError, OSError) as err:
+        raise CheckpointError(
+            f"could not fetch {repo_id!r} from the Hub ({err.__class__.__name__}: {err}). Set "
+            "HF_HUB_OFFLINE=1 to use the local cache, or pass a local model directory."
+        ) from err
+    snapshot = config_file.parent
+    commit = snapshot.name if re.fullmatch(r"[0-9a-f]{40}", snapshot.name) else revision
+    return snapshot, commit
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading and writing a model directory.
+
+
+def load_config(directory: Path, name: str | None = None) -> VQGANConfig:
+    """config.json → VQGANConfig; a known public checkpoint without `value_range` gets its own."""
+    file = directory / CONFIG_NAME
+    if not file.is_file():
+        raise CheckpointError(f"{directory}: no {CONFIG_NAME} (expected a model directory)")
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{file}: not valid JSON ({err})") from err
+    if "value_range" not in data:
+        known = KNOWN_VALUE_RANGES.get(str(name)) if name else None
+        if known is None:
+            logger.warning(
+                "%s has no value_range; assuming taming's [-1, 1]. Record it in config.json "
+                "(\"value_range\": [0, 1] or [-1, 1]) to silence this.",
+                file,
+            )
+            known = (-1.0, 1.0)
+        data["value_range"] = list(known)
+    try:
+        return VQGANConfig.from_dict(data)
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{file}: {err}") from err
+
+
+def weights_file(directory: Path) -> Path:
+    for name in _WEIGHT_FILES:
+        if (directory / name).is_file():
+            return directory / name
+    raise CheckpointError(
+        f"{directory}: no weights ({SAFETENSORS_NAME} or {MSGPACK_NAME}) next to {CONFIG_NAME}"
+    )
+
+
+def read_params(file: Path, config: VQGANConfig) -> dict:
+    """Read a weights file into a nested dict of float32 numpy arrays, checked against `config`."""
+    if file.name.endswith(".safetensors"):
+        from safetensors.numpy import load_file
+
+        flat = {tuple(k.split(".")): v for k, v in load_file(str(file)).items()}
+    else:
+        from flax.serialization import msgpack_restore
+
+        tree = msgpack_restore(file.read_bytes())
+        if set(tree) == {"params"}:
+            tree = tree["params"]
+        flat = _flatten(tree)
+    flat = {k: _upgrade_legacy(k, np.asarray(v, dtype=np.float32)) for k, v in flat.items()}
+    check_params(flat, config, origin=str(file))
+    return _unflatten(flat)
+
+
+def _upgrade_legacy(key: tuple[str, ...], value: np.ndarray) -> np.ndarray:
+    # Old vqgan-jax uploads stored GroupNorm scale/bias as (1, 1, 1, C) (vqgan-jax PR #4).
+    if key[-1] in ("scale", "bias") and value.ndim == 4 and value.shape[:3] == (1, 1, 1):
+        return value.reshape(-1)
+    return value
+
+
+def check_params(flat: Mapping[tuple[str, ...], Any], config: VQGANConfig, origin: str) -> None:
+    """Raise one readable diff of missing, unexpected and mis-shaped parameter names."""
+    from .modeling import param_shapes
+
+    expected = {k: tuple(v.shape) for k, v in _flatten(param_shapes(config)).items()}
+    got = {k: tuple(np.shape(v)) for k, v in flat.items()}
+    missing = sorted("/".join(k) for k in expected.keys() - got.keys())
+    unexpected = sorted("/".join(k) for k in got.keys() - expected.keys())
+    misshaped = sorted(
+        f"{'/'.join(k)}: expected {expected[k]}, got {got[k]}"
+        for k in expected.keys() & got.keys()
+        if expected[k] != got[k]
+    )
+    if missing or unexpected or misshaped:
+        raise CheckpointError(_diff_message(origin, missing, unexpected, misshaped))
+
+
+def _diff_message(origin: str, missing, unexpected, misshaped, limit: int = 12) -> str:
+    lines = [f"{origin}: parameters do not match the config"]
+    for title, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
+        if items:
+            shown = items[:limit] + ([f"... and {len(items) - limit} more"] if len(items) > limit else [])
+            lines.append(f"  {title} ({len(items)}): " + ", ".join(shown))
+    return "\n".join(lines)
+
+
+def save(directory: str | os.PathLike, config: VQGANConfig, params: Mapping, *,
+         formats: tuple[str, ...] = ("safetensors", "msgpack")) -> Path:
+    """Write config.json and the weights (both formats by default: vqgan-jax reads the msgpack)."""
+    from flax.serialization import msgpack_serialize
+
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    flat = {k: np.ascontiguousarray(np.asarray(v, dtype=np.float32)) for k, v in _flatten(params).items()}
+    check_params(flat, config, origin="save_pretrained")
+    writers = {
+        "safetensors": (SAFETENSORS_NAME, lambda: _safetensors_bytes(flat)),
+        "msgpack": (MSGPACK_NAME, lambda: msgpack_serialize(_unflatten(flat))),
+    }
+    unknown = set(formats) - writers.keys()
+    if unknown or not formats:
+        raise ValueError(f"formats must be a non-empty subset of {sorted(writers)}, got {formats}")
+    for fmt in formats:
+        name, payload = writers[fmt]
+        _atomic_write(out / name, payload())
+    _atomic_write(out / CONFIG_NAME, config.to_json_string().encode())
+    return out
+
+
+def _safetensors_bytes(flat: Mapping[tuple[str, ...], np.ndarray]) -> bytes:
+    from safetensors.numpy import save
+
+    return save({".".join(k): v for k, v in sorted(flat.items())}, metadata={"format": "flax"})
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# ---------------------------------------------------------------------------------------------
+# Digests: computed once per file (or taken from the Hub cache's content address).
+
+_DIGEST_CACHE: dict[tuple[str, int, int], str] = {}
+
+
+def file_digest(file: Path) -> str:
+    """"sha256:<hex>" of a weights file, free for Hub cache files (their blob name is the sha256)."""
+    resolved = file.resolve()
+    if re.fullmatch(r"[0-9a-f]{64}", resolved.name) and resolved.parent.name == "blobs":
+        return f"sha256:{resolved.name}"
+    stat = resolved.stat()
+    key = (str(resolved), stat.st_size, stat.st_mtime_ns)
+    if key not in _DIGEST_CACHE:
+        sha = hashlib.sha256()
+        with open(resolved, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 24), b""):
+                sha.update(chunk)
+        _DIGEST_CACHE[key] = f"sha256:{sha.hexdigest()}"
+    return _DIGEST_CACHE[key]
+
+
+def params_digest(params: Mapping) -> str:
+    """"params-sha256:<hex>" over names, shapes and float32 bytes of an in-memory tree."""
+    sha = hashlib.sha256()
+    for key, value in sorted(_flatten(params).items()):
+        array = np.ascontiguousarray(np.asarray(value, dtype=np.float32))
+        sha.update("/".join(key).encode() + str(array.shape).encode())
+        sha.update(array.tobytes())
+    return f"params-sha256:{sha.hexdigest()}"
+
+
+# ---------------------------------------------------------------------------------------------
+# taming-transformers PyTorch checkpoints → our layout.
+
+# Globals that Lightning checkpoints pickle around the weights (callbacks, hyper-parameters,
+# numpy scalars). They are replaced by inert stand-ins, so nothing from the file is executed.
+_STUBBED_PREFIXES = (
+    "pytorch_lightning.", "lightning.", "lightning_fabric.", "omegaconf.", "numpy.",
+    "pathlib.", "argparse.", "collections.", "typing.", "_codecs.", "builtins.set",
+    "builtins.frozenset", "builtins.slice", "datetime.", "taming.",
+)
+
+
+class _Inert:
+    """Stand-in for a pickled object we neither trust nor need (only its state is kept)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.args, self.kwargs = args, kwargs
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+    def __call__(self, *args: Any, **kwargs: Any) -> _Inert:
+        return _Inert(*args, **kwargs)
+
+
+def load_taming_state_dict(ckpt_path: str | os.PathLike, *, unsafe_pickle: bool = False) -> dict:
+    """The `state_dict` of a taming .ckpt/.pt file as numpy arrays.
+
+    Loads with `torch.load(weights_only=True)`; the Lightning objects around the weights are
+    replaced by inert stand-ins. Full unpickling (which can run code from the file) happens only
+    with `unsafe_pickle=True`.
+    """
+    try:
+        import torch
+    except ImportError as err:
+        raise ImportError(
+            "converting taming checkpoints needs PyTorch: pip install 'vqgan-datasets[torch]'"
+        ) from err
+    path = os.fspath(ckpt_path)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    if unsafe_pickle:
+        logger.warning("%s: full unpickling requested; this runs any code the file contains", path)
+        blob = torch.load(path, map_location="cpu", weights_only=False)
+    else:
+        blob = _load_weights_only(torch, path)
+    state = blob.get("state_dict", blob) if isinstance(blob, Mapping) else None
+    if not isinstance(state, Mapping) or not state:
+        raise CheckpointError(
+            f"{path}: expected a dict of tensors or a Lightning checkpoint with 'state_dict', "
+            f"got {type(blob).__name__}"
+        )
+    out = {}
+    for key, value in state.items():
+        if not isinstance(value, torch.Tensor):
+            raise CheckpointError(f"{path}: state_dict[{key!r}] is {type(value).__name__}, not a tensor")
+        out[str(key)] = value.detach().to(torch.float32).cpu().numpy()
+    return out
+
+
+def _load_weights_only(torch, path: str):
+    try:
+        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # noqa: BLE001 - legacy (non-zip) files: let torch.load report it
+        unsafe = []
+    refused = [g for g in unsafe if not g.startswith(_STUBBED_PREFIXES)]
+    if refused:
+        raise CheckpointError(
+            f"{path}: the pickle references {refused}, which a weights-only load will not "
+            "construct. If you trust this file, pass unsafe_pickle=True (CLI: --unsafe-pickle); "
+            "that runs whatever code the file contains."
+        )
+    stubs = [(type(name.rsplit(".", 1)[-1], (_Inert,), {}), name) for name in unsafe]
+    try:
+        with torch.serialization.safe_globals(stubs):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - turn any unpickling failure into one message
+        raise CheckpointError(
+            f"{path}: could not be loaded weights-only ({err.__class__.__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else ''}). If you trust this file, pass "
+            "unsafe_pickle=True (CLI: --unsafe-pickle); that runs code from the file."
+        ) from err
+
+
+_IGNORED_TAMING_PREFIXES = ("loss.", "discriminator.", "perceptual_loss.")
+
+
+def taming_to_flax(state: Mapping[str, np.ndarray], config: VQGANConfig, origin: str) -> dict:
+    """Rename and transpose a taming VQModel state_dict into vqgan-jax's parameter tree."""
+    from .modeling import param_shapes
+
+    expected = {k: tuple(v.shape) for k, v in _flatten(param_shapes(config)).items()}
+    flat: dict[tuple[str, ...], np.ndarray] = {}
+    unexpected = []
+    for key, value in state.items():
+        if key.startswith(_IGNORED_TAMING_PREFIXES):
+            continue
+        if key == "quantize.used" or key.startswith("quantize.re_embed"):
+            raise CheckpointError(f"{origin}: codebook remapping ({key}) is not supported")
+        parts = re.sub(r"\.(\d+)", r"_\1", key).split(".")
+        if parts[0] not in _TOP_LEVEL:
+            unexpected.append(key)
+            continue
+        *path, leaf = parts
+        if leaf == "bias":
+            flat[(*path, "bias")] = value
+        elif leaf == "weight" and value.ndim == 4:
+            flat[(*path, "kernel")] = value.transpose(2, 3, 1, 0)  # OIHW → HWIO
+        elif leaf == "weight" and path[-1] == "embedding":
+            flat[(*path, "embedding")] = value
+        elif leaf == "weight" and value.ndim == 1:
+            flat[(*path, "scale")] = value
+        else:
+            unexpected.append(key)
+    got = {k: v.shape for k, v in flat.items()}
+    missing = sorted("/".join(k) for k in expected.keys() - got.keys())
+    unexpected += sorted("/".join(k) for k in got.keys() - expected.keys())
+    misshaped = sorted(
+        f"{'/'.join(k)}: expected {expected[k]}, got {got[k]}"
+        for k in expected.keys() & got.keys()
+        if expected[k] != got[k]
+    )
+    if missing or unexpected or misshaped:
+        raise CheckpointError(_diff_message(origin, missing, unexpected, misshaped))
+    return _unflatten(flat)
+
+
+def infer_taming_config(state: Mapping[str, np.ndarray], resolution: int = 256) -> VQGANConfig:
+    """Read the architecture off a taming state_dict's names and shapes (attention placement is
+    relative to `resolution`, which the weights cannot tell)."""
+    def shape(key: str) -> tuple[int, ...]:
+        if key not in state:
+            raise CheckpointError(f"cannot infer the config: no {key!r} in the checkpoint")
+        return tuple(state[key].shape)
+
+    ch = shape("encoder.conv_in.weight")[0]
+    levels = sorted({int(m.group(1)) for k in state if (m := re.match(r"encoder\.down\.(\d+)\.", k))})
+    ch_mult = tuple(shape(f"encoder.down.{i}.block.0.conv1.weight")[0] // ch for i in levels)
+    num_res_blocks = len({k.split(".")[4] for k in state if k.startswith("encoder.down.0.block.")})
+    attn = tuple(
+        resolution // 2**i for i in levels if f"encoder.down.{i}.attn.0.q.weight" in state
+    )
+    z_out = shape("encoder.conv_out.weight")[0]
+    n_embed, embed_dim = shape("quantize.embedding.weight")
+    z_channels = shape("post_quant_conv.weight")[0]
+    return VQGANConfig(
+        ch=ch,
+        out_ch=shape("decoder.conv_out.weight")[0],
+        in_channels=shape("encoder.conv_in.weight")[1],
+        ch_mult=ch_mult,
+        num_res_blocks=num_res_blocks,
+        attn_resolutions=attn,
+        resolution=resolution,
+        z_channels=z_channels,
+        double_z=z_out == 2 * z_channels,
+        embed_dim=embed_dim,
+        n_embed=n_embed,
+        resamp_with_conv="encoder.down.0.downsample.conv.weight" in state or len(levels) == 1,
+    )
+
+
+def convert_taming_checkpoint(
+    ckpt_path: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    config: VQGANConfig | str | os.PathLike | None = None,
+    *,
+    value_range: tuple[float, float] = (-1.0, 1.0),
+    unsafe_pickle: bool = False,
+) -> Path:
+    """Convert a taming-transformers checkpoint into a directory `VQModel.from_pretrained` loads.
+
+    `config`: a VQGANConfig, a taming yaml path, or None to read the architecture off the
+    weights. `value_range`: taming trains on [-1, 1]; change it only if you know otherwise.
+    """
+    state = load_taming_state_dict(ckpt_path, unsafe_pickle=unsafe_pickle)
+    if config is None:
+        config = infer_taming_config(state)
+    elif not isinstance(config, VQGANConfig):
+        config = VQGANConfig.from_taming_yaml(config)
+    config = config.replace(value_range=tuple(value_range))
+    params = taming_to_flax(state, config, origin=os.fspath(ckpt_path))
+    return save(output_dir, config, params)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tree helpers.
+
+
+def _flatten(tree: Mapping, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
+    out: dict[tuple[str, ...], Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            out.update(_flatten(value, (*prefix, str(key))))
+        else:
+            out[(*prefix, str(key))] = value
+    return out
+
+
+def _unflatten(flat: Mapping[tuple[str, ...], Any]) -> dict:
+    out: dict = {}
+    for key, value in flat.items():
+        node = out
+        for part in key[:-1]:
+            node = node.setdefault(part, {})
+        node[key[-1]] = value
+    return out
