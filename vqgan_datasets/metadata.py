@@ -1,0 +1,106 @@
+"""TokenizerSpec: what made a token column (model, weights, preprocessing), as recorded metadata.
+
+One record serves three uses: the fingerprint of a tokenizer (datasets' cache key), the metadata a
+token dataset or shard carries, and the check that a decoder matches the tokens it is given.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from . import __version__
+
+# Bump when the meaning of tokens written by this library changes (layout, preprocessing).
+FORMAT_VERSION = 1
+PREPROCESSING = "rgb(alpha over white, exif) > resize shortest side LANCZOS > center crop"
+METADATA_KEY = "vqgan_datasets"  # key in Arrow schema metadata / dataset card / shard stats
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizerSpec:
+    """How a token sequence was made; equal specs make equal tokens for equal images."""
+
+    model_name: str | None
+    revision: str | None
+    weights_digest: str
+    config: Mapping[str, Any]
+    image_size: int
+    grid: tuple[int, int]
+    codebook_size: int
+    token_dtype: str
+    value_range: tuple[float, float]
+    compute_dtype: str
+    preprocessing: str = PREPROCESSING
+    format_version: int = FORMAT_VERSION
+    library_version: str = __version__
+
+    @classmethod
+    def from_model(cls, model: Any, image_size: int | None = None) -> TokenizerSpec:
+        """The spec of `model` (a VQModel) encoding square images of `image_size`."""
+        config = model.config
+        size = int(image_size or config.resolution)
+        return cls(
+            model_name=model.name,
+            revision=model.revision,
+            weights_digest=model.weights_digest,
+            config=config.to_dict(),
+            image_size=size,
+            grid=config.grid_shape(size),
+            codebook_size=config.n_embed,
+            token_dtype=config.token_dtype,
+            value_range=tuple(config.value_range),
+            compute_dtype=str(model.dtype.name if hasattr(model.dtype, "name") else model.dtype),
+        )
+
+    @property
+    def sequence_length(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["config"] = dict(self.config)
+        out["grid"] = list(self.grid)
+        out["value_range"] = list(self.value_range)
+        return out
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TokenizerSpec:
+        known = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in data.items() if k in known}
+        kwargs["grid"] = tuple(kwargs["grid"])
+        kwargs["value_range"] = tuple(float(v) for v in kwargs["value_range"])
+        return cls(**kwargs)
+
+    def identity(self) -> dict[str, Any]:
+        """What decides the tokens: everything but the library version and the model's name
+        (the same weights under another name make the same tokens)."""
+        out = self.to_dict()
+        for key in ("library_version", "model_name", "revision"):
+            out.pop(key)
+        return out
+
+    def fingerprint(self) -> str:
+        """A short stable hash of `identity()`: equal for equal tokens, across processes."""
+        text = json.dumps(self.identity(), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+    def mismatch(self, other: TokenizerSpec) -> str | None:
+        """Why tokens made with `self` cannot be decoded by a model with spec `other`, or None."""
+        reasons = []
+        if self.weights_digest != other.weights_digest:
+            reasons.append(
+                f"weights differ ({self.model_name or '?'} {self.weights_digest[:23]} vs "
+                f"{other.model_name or '?'} {other.weights_digest[:23]})"
+            )
+        if self.codebook_size != other.codebook_size:
+            reasons.append(f"codebook size {self.codebook_size} vs {other.codebook_size}")
+        if tuple(self.value_range) != tuple(other.value_range):
+            reasons.append(f"value range {self.value_range} vs {other.value_range}")
+        return "; ".join(reasons) or None
