@@ -47,7 +47,7 @@ def photos(size: int, count: int = 4) -> np.ndarray:
     from skimage import data
 
     out = []
-    for name in ("astronaut", "coffee", "chelsea", "rocket", "motorcycle_left", "immunohistochemistry")[:count]:
+    for name in ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field")[:count]:
         array = getattr(data, name)()
         if array.ndim == 3 and array.shape[2] == 4:
             array = array[..., :3]

@@ -378,12 +378,28 @@ def module_from_config(config: VQGANConfig, dtype: Dtype = jnp.float32) -> VQGAN
 
 
 def init_params(config: VQGANConfig, seed: int = 0) -> dict:
-    """Random parameters in vqgan-jax's tree layout (numpy, float32)."""
-    module = module_from_config(config)
-    size = config.resolution
-    pixels = jnp.zeros((1, size, size, config.in_channels), jnp.float32)
-    variables = jax.jit(module.init)(jax.random.PRNGKey(seed), pixels)
-    return jax.tree_util.tree_map(np.asarray, dict(variables["params"]))
+    """Random parameters in vqgan-jax's tree layout (numpy float32, deterministic per seed).
+
+    Shapes come from an abstract trace; values are drawn leaf by leaf with numpy (conv kernels
+    LeCun-normal, biases 0, norm scales 1, codebook uniform ±1/n_embed), which avoids compiling
+    the whole network just to initialise it (seconds per tiny model in the tests).
+    """
+    rng = np.random.default_rng(seed)
+
+    def draw(path, leaf) -> np.ndarray:
+        name = path[-1].key
+        shape = tuple(leaf.shape)
+        if name == "kernel":
+            fan_in = int(np.prod(shape[:-1]))
+            return (rng.standard_normal(shape) / np.sqrt(fan_in)).astype(np.float32)
+        if name == "scale":
+            return np.ones(shape, np.float32)
+        if name == "embedding":
+            limit = 1.0 / shape[0]
+            return rng.uniform(-limit, limit, shape).astype(np.float32)
+        return np.zeros(shape, np.float32)
+
+    return jax.tree_util.tree_map_with_path(draw, param_shapes(config))
 
 
 def param_shapes(config: VQGANConfig) -> dict:
