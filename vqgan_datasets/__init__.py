@@ -26,7 +26,21 @@ _EXPORTS = {
     "vqgan_detokenize": "hf",
 }
 
-__all__ = sorted(_EXPORTS) + ["__version__"]
+__all__ = [
+    "Engine",
+    "ImageDecodeError",
+    "VQGANConfig",
+    "VQGANDetokenizer",
+    "VQGANTokenizer",
+    "VQModel",
+    "__version__",
+    "convert_taming_checkpoint",
+    "decode_iter",
+    "encode_iter",
+    "load_image",
+    "vqgan_detokenize",
+    "vqgan_tokenize",
+]
 
 if TYPE_CHECKING:
     from .checkpoints import convert_taming_checkpoint
