@@ -1,30 +1,24 @@
-"""wds.py: stages over plain lists and webdataset pipelines, shard conversion, resume, failures."""
+"""wds.py: the encode/decode stages over plain lists and webdataset pipelines, their failures.
+
+The sample and shard helpers at the top (real photos as webdataset samples, tar writing and
+reading, output checks) are shared: test_shards.py, test_ray.py and test_distributed.py import
+them from here."""
 
 from __future__ import annotations
 
 import io
 import json
 import os
-import pathlib
 import pickle
-import signal
-import subprocess
-import sys
-import tarfile
-import textwrap
-import time
 
-import fsspec
 import numpy as np
 import pytest
 import webdataset as wds
 from PIL import Image
 from skimage import data
-from webdataset.gopen import gopen_schemes
 
 from vqgan_datasets import wds as vqwds
 from vqgan_datasets.images import load_image
-from vqgan_datasets.metadata import METADATA_KEY
 from vqgan_datasets.modeling import VQModel
 
 S = 64  # tiny config resolution: 16x16 tokens
@@ -87,42 +81,20 @@ def tokens_of(sample: dict) -> np.ndarray:
     return np.load(io.BytesIO(value)) if isinstance(value, bytes) else value
 
 
-@pytest.fixture(scope="module")
-def model(tiny_model_dir):
-    # Loaded from disk (not the in-memory fixture) so the subprocess of the resume test, which
-    # loads the same directory, has the same weights digest and hence the same TokenizerSpec.
-    return VQModel.from_pretrained(str(tiny_model_dir))
-
-
-@pytest.fixture(scope="module")
-def samples():
-    return make_samples()
-
-
-@pytest.fixture(scope="module")
-def reference(model, samples):
-    """Tokens of a direct encode, by key: what every path through wds.py must reproduce."""
+def reference_tokens(model: VQModel, samples: list[dict]) -> dict[str, np.ndarray]:
+    """Tokens of a direct encode, by key: what every path through the library must reproduce."""
     pixels = np.stack([load_image(image_of(s), S) for s in samples])
     tokens = model.encode_images(pixels)
     return {s["__key__"]: t for s, t in zip(samples, tokens, strict=True)}
 
 
-@pytest.fixture(scope="module")
-def decoded(model, reference, samples):
-    """Direct decode of the first shard's reference tokens, by key."""
-    keys = [s["__key__"] for s in samples[:4]]
-    images = model.decode_images(np.stack([reference[k] for k in keys]))
-    return dict(zip(keys, images, strict=True))
-
-
-@pytest.fixture(scope="module")
-def shards(samples, tmp_path_factory):
-    root = tmp_path_factory.mktemp("shards")
+def make_shards(root, samples, sizes=SHARD_SIZES) -> list[str]:
+    """`samples` cut into tars root/shard-00000.tar... of `sizes` samples each."""
     urls, start = [], 0
-    for i, size in enumerate(SHARD_SIZES):
+    for i, size in enumerate(sizes):
         urls.append(write_tar(root / f"shard-{i:05d}.tar", samples[start : start + size]))
         start += size
-    return root, urls
+    return urls
 
 
 def check_outputs(paths, samples, reference, *, keep_image=False):
@@ -138,10 +110,41 @@ def check_outputs(paths, samples, reference, *, keep_image=False):
 
 
 def snapshot(directory) -> dict:
+    """Every file but the manifest: name -> (mtime, bytes). Equal snapshots: nothing rewritten."""
     return {
         name: (os.stat(directory / name).st_mtime_ns, (directory / name).read_bytes())
         for name in sorted(os.listdir(directory)) if name != "manifest.json"
     }
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_dir):
+    # Loaded from disk, as the other modules' models are: one weights digest everywhere.
+    return VQModel.from_pretrained(str(tiny_model_dir))
+
+
+@pytest.fixture(scope="module")
+def samples():
+    return make_samples()
+
+
+@pytest.fixture(scope="module")
+def reference(model, samples):
+    return reference_tokens(model, samples)
+
+
+@pytest.fixture(scope="module")
+def decoded(model, reference, samples):
+    """Direct decode of the first shard's reference tokens, by key."""
+    keys = [s["__key__"] for s in samples[:4]]
+    images = model.decode_images(np.stack([reference[k] for k in keys]))
+    return dict(zip(keys, images, strict=True))
+
+
+@pytest.fixture(scope="module")
+def shards(samples, tmp_path_factory):
+    root = tmp_path_factory.mktemp("shards")
+    return root, make_shards(root, samples)
 
 
 # ------------------------------------------------------------------------------ encode stage
@@ -287,240 +290,3 @@ def test_stages_pickle_as_small_references(model, tiny_model):
     # In-memory weights travel as numpy arrays.
     clone = pickle.loads(pickle.dumps(vqwds.decode(tiny_model)))
     assert clone.model.weights_digest == tiny_model.weights_digest
-
-
-# ------------------------------------------------------------------------------ tokenize_shards
-
-
-def test_tokenize_shards_writes_resumable_outputs(model, shards, samples, reference, tmp_path):
-    root, urls = shards
-    out_dir = tmp_path / "out"
-    pattern = str(root / "shard-{00000..00002}.tar")
-    manifest = vqwds.tokenize_shards(pattern, out_dir, model=model, batch_size=BATCH,
-                                     progress=False)
-    names = [f"shard-{i:05d}.tar" for i in range(3)]
-    assert sorted(os.listdir(out_dir)) == sorted(
-        names + [n.replace(".tar", ".stats.json") for n in names] + ["manifest.json"]
-    )
-    check_outputs([out_dir / n for n in names], samples, reference)
-    assert [s.status for s in manifest.shards] == ["written"] * 3
-    assert manifest.totals == {"samples_in": 10, "encoded": 10, "skipped": 0, "failed": 0}
-
-    stats = json.loads((out_dir / "shard-00001.stats.json").read_text())
-    assert stats["url"] == urls[1] and stats["samples_in"] == 3 and stats["encoded"] == 3
-    assert stats[METADATA_KEY]["grid"] == [16, 16]
-    assert stats[METADATA_KEY]["weights_digest"] == model.weights_digest
-    on_disk = json.loads((out_dir / "manifest.json").read_text())
-    assert on_disk["shards_written"] == 3 and on_disk["totals"]["encoded"] == 10
-
-    before = snapshot(out_dir)
-    again = vqwds.tokenize_shards(pattern, out_dir, model=model, batch_size=BATCH,
-                                  progress=False)
-    assert [s.status for s in again.shards] == ["finished"] * 3 and not again.written
-    assert again.totals == manifest.totals
-    assert snapshot(out_dir) == before  # nothing rewritten
-
-    # A finished shard made by other weights is never silently mixed in.
-    other = VQModel(model.config, {**model.params}, dtype=model.dtype)
-    other._digest = "sha256:" + "0" * 64
-    with pytest.raises(ValueError, match="another tokenizer"):
-        vqwds.tokenize_shards(pattern, out_dir, model=other, progress=False)
-    with pytest.raises(ValueError, match="other settings .keep_image"):
-        vqwds.tokenize_shards(pattern, out_dir, model=model, keep_image=True, progress=False)
-    assert snapshot(out_dir) == before
-
-    # Patterns, kept images and overwrite.
-    manifest = vqwds.tokenize_shards(urls[:1], str(tmp_path / "p" / "tok-{shard}-{index:03d}.tar"),
-                                     model=model, batch_size=BATCH, keep_image=True,
-                                     progress=False, overwrite=True)
-    assert manifest.shards[0].output.endswith("tok-shard-00000-000.tar")
-    assert os.path.exists(tmp_path / "p" / "tok-shard-00000-000.stats.json")
-    check_outputs([manifest.shards[0].output], samples[:4], reference, keep_image=True)
-
-
-def test_tokenize_shards_bad_samples_empty_and_truncated_shards(model, samples, reference,
-                                                                 tmp_path):
-    good = samples[0]
-    bad = [
-        good,
-        {"__key__": "broken", "jpg": good["jpg"][: len(good["jpg"]) // 3], "txt": b"cut"},
-        {"__key__": "caption_only", "txt": b"no picture"},
-        samples[2],
-    ]
-    inputs = tmp_path / "in"
-    inputs.mkdir()
-    bad_url = write_tar(inputs / "bad.tar", bad)
-    empty_url = write_tar(inputs / "empty.tar", [])
-    whole = (inputs / "bad.tar").read_bytes()
-    (inputs / "cut.tar").write_bytes(whole[: len(whole) // 2])
-    cut_url = str(inputs / "cut.tar")
-    out = tmp_path / "out"
-
-    manifest = vqwds.tokenize_shards([bad_url, empty_url, cut_url], out, model=model,
-                                     batch_size=BATCH, progress=False)
-    assert [s.status for s in manifest.shards] == ["written", "written", "failed"]
-    written = read_tar(out / "bad.tar")
-    assert [s["__key__"] for s in written] == ["sample_0000", "sample_0002"]
-    np.testing.assert_array_equal(tokens_of(written[1]), reference["sample_0002"])
-    stats = json.loads((out / "bad.stats.json").read_text())
-    assert (stats["samples_in"], stats["encoded"], stats["skipped"]) == (4, 2, 2)
-    reasons = {e["key"]: e["reason"] for e in stats["errors"]}
-    assert set(reasons) == {"broken", "caption_only"}
-    assert "looked for .jpg" in reasons["caption_only"]
-    assert read_tar(out / "empty.tar") == []
-    assert json.loads((out / "empty.stats.json").read_text())["samples_in"] == 0
-    failed = manifest.failed_shards[0]
-    assert cut_url in failed.error and "cut.tar" not in os.listdir(out)
-    assert not [n for n in os.listdir(out) if ".tmp-" in n]
-    assert manifest.totals["skipped"] == 2
-
-    # A rerun retries only the shard that did not finish.
-    again = vqwds.tokenize_shards([bad_url, empty_url, cut_url], out, model=model,
-                                  batch_size=BATCH, progress=False)
-    assert [s.status for s in again.shards] == ["finished", "finished", "failed"]
-
-    null = vqwds.tokenize_shards([bad_url], tmp_path / "null", model=model, batch_size=BATCH,
-                                 on_error="null", progress=False)
-    assert null.shards[0].failed == 2
-    written = read_tar(tmp_path / "null" / "bad.tar")
-    assert [s["__key__"] for s in written] == [s["__key__"] for s in bad]
-    assert "vqgan.npy" not in written[1] and written[1]["vqgan_error"]
-    assert written[1]["txt"] == b"cut"
-
-    with pytest.raises(vqwds.SampleError) as info:
-        vqwds.tokenize_shards([bad_url], tmp_path / "raise", model=model, batch_size=BATCH,
-                              on_error="raise", progress=False)
-    assert info.value.key == "broken" and bad_url in str(info.value)
-    assert not [n for n in os.listdir(tmp_path / "raise") if n.endswith(".tar") or ".tmp-" in n]
-    with pytest.raises(vqwds.ShardReadError, match="cut.tar"):
-        vqwds.tokenize_shards([cut_url], tmp_path / "raise", model=model, on_error="raise",
-                              progress=False)
-
-
-def test_tokenize_shards_splits_shards_across_processes(model, shards, tmp_path):
-    root, urls = shards
-    owned = []
-    for index in range(2):
-        manifest = vqwds.tokenize_shards(urls, tmp_path, model=model, batch_size=BATCH,
-                                         process_index=index, process_count=2, progress=False)
-        owned.append({s.url for s in manifest.shards})
-        assert os.path.basename(manifest.path) == f"manifest-{index:05d}-of-00002-worker-000.json"
-    assert owned == [{urls[0], urls[2]}, {urls[1]}]
-    assert vqwds._assign(10, (1, 3), (0, 1)) == [1, 4, 7]
-    assert vqwds._assign(10, (1, 3), (1, 2)) == [4]  # then across DataLoader workers
-    with pytest.raises(ValueError, match="process_index"):
-        vqwds.tokenize_shards(urls, tmp_path, model=model, process_index=2, process_count=2)
-
-
-def test_tokenize_shards_reads_fsspec_and_pipe_urls(model, shards, samples, reference, tmp_path,
-                                                    monkeypatch):
-    root, urls = shards
-    memory = fsspec.filesystem("memory")
-    memory.pipe("/wds-test/in/shard-00000.tar", pathlib.Path(urls[0]).read_bytes())
-    inputs = ["memory://wds-test/in/shard-00000.tar", f"pipe:cat {urls[1]}",
-              "file://" + urls[2]]
-    manifest = vqwds.tokenize_shards(inputs, tmp_path, model=model, batch_size=BATCH,
-                                     progress=False)
-    assert [s.status for s in manifest.shards] == ["written"] * 3
-    check_outputs([tmp_path / f"shard-{i:05d}.tar" for i in range(3)], samples, reference)
-
-    # fsspec output too (no fsync there; the temp + rename protocol is the same).
-    manifest = vqwds.tokenize_shards(inputs[0], "memory://wds-test/out", model=model,
-                                     batch_size=BATCH, progress=False)
-    assert memory.exists("/wds-test/out/shard-00000.stats.json")
-    assert [p.rsplit("/", 1)[-1] for p in memory.ls("/wds-test/out", detail=False)] == [
-        "manifest.json", "shard-00000.stats.json", "shard-00000.tar"]
-    written = list(vqwds.read_shard("memory://wds-test/out/shard-00000.tar"))
-    assert [s["__key__"] for s in written] == [s["__key__"] for s in samples[:4]]
-
-    # webdataset's own readers, once the scheme is registered (undone after the test).
-    monkeypatch.setitem(gopen_schemes, "memory", None)
-    vqwds.register_fsspec("memory")
-    dataset = wds.WebDataset("memory://wds-test/out/shard-00000.tar", shardshuffle=False)
-    assert [s["__key__"] for s in dataset] == [s["__key__"] for s in samples[:4]]
-    memory.rm("/wds-test", recursive=True)
-
-
-RESUME_SCRIPT = textwrap.dedent("""
-    import pathlib, sys, time
-    from vqgan_datasets import wds
-    from vqgan_datasets.modeling import VQModel
-
-    pattern, out, marker, model_dir = sys.argv[1:5]
-
-    def stall(url, written):
-        # Freeze inside the second shard, after it has written a sample, until killed.
-        if url.endswith("shard-00001.tar"):
-            pathlib.Path(marker).touch()
-            time.sleep(600)
-
-    wds._after_sample_hook = stall
-    wds.tokenize_shards(pattern, out, model=VQModel.from_pretrained(model_dir), batch_size=2,
-                        progress=False)
-""")
-
-
-def test_resume_after_sigkill_writes_every_sample_once(model, shards, samples, reference,
-                                                       tiny_model_dir, tmp_path):
-    root, urls = shards
-    out = tmp_path / "out"
-    marker = tmp_path / "in-second-shard"
-    script = tmp_path / "run.py"
-    script.write_text(RESUME_SCRIPT)
-    pattern = str(root / "shard-{00000..00002}.tar")
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
-               JAX_PLATFORMS="cpu")
-    process = subprocess.Popen(
-        [sys.executable, str(script), pattern, str(out), str(marker), str(tiny_model_dir)],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-    )
-    try:
-        deadline = time.monotonic() + 240
-        while not marker.exists():
-            if process.poll() is not None:
-                pytest.fail(f"the run ended before the kill: {process.stderr.read().decode()}")
-            assert time.monotonic() < deadline, "the run never reached the second shard"
-            time.sleep(0.05)
-        os.kill(process.pid, signal.SIGKILL)
-    finally:
-        if process.poll() is None:
-            process.kill()
-        process.wait()
-        process.stdout.close()
-        process.stderr.close()
-    assert process.returncode == -signal.SIGKILL
-    left = sorted(os.listdir(out))
-    assert "shard-00000.stats.json" in left and "shard-00001.stats.json" not in left
-    assert "shard-00001.tar" not in left and any(n.startswith(".shard-00001.tar.tmp-") for n in left)
-
-    manifest = vqwds.tokenize_shards(pattern, out, model=model, batch_size=BATCH, progress=False)
-    assert [s.status for s in manifest.shards] == ["finished", "written", "written"]
-    assert not [n for n in os.listdir(out) if ".tmp-" in n]
-    # Encoded on two devices before the kill, one after: the same tokens, each sample once.
-    check_outputs([out / f"shard-{i:05d}.tar" for i in range(3)], samples, reference)
-
-
-def test_example_script_runs(model, shards, tiny_model_dir, tmp_path, monkeypatch, caplog):
-    import runpy
-
-    root, urls = shards
-    path = os.path.join(os.path.dirname(__file__), "..", "examples", "tokenize_webdataset.py")
-    main = runpy.run_path(path, run_name="example")["main"]
-    # The fixture's model, already compiled, stands in for the one the script would load.
-    monkeypatch.setattr(VQModel, "from_pretrained", classmethod(lambda cls, *a, **k: model))
-    caplog.set_level("INFO", logger="vqgan_datasets")
-    main(["--model", str(tiny_model_dir), "--input", str(root / "shard-{00000..00001}.tar"),
-          "--output", str(tmp_path / "out"), "--batch-size", str(BATCH), "--preview", "2",
-          "--no-progress"])
-    assert sorted(os.listdir(tmp_path / "out"))[:2] == ["manifest.json", "shard-00000.stats.json"]
-    assert "tokenize_shards: 2 shards written" in caplog.text
-
-
-def test_tarfile_format_details(model, tmp_path):
-    """Outputs are plain tars that tarfile and webdataset both read: one member per field."""
-    sample = make_samples()[0]
-    url = write_tar(tmp_path / "one.tar", [sample])
-    vqwds.tokenize_shards(url, tmp_path / "o", model=model, batch_size=BATCH, progress=False)
-    with tarfile.open(tmp_path / "o" / "one.tar") as tar:
-        assert sorted(tar.getnames()) == ["sample_0000.json", "sample_0000.txt",
-                                          "sample_0000.vqgan.npy"]

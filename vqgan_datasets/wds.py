@@ -1,6 +1,4 @@
-"""webdataset: encode/decode pipeline stages, and resumable shard-to-shard tokenization.
-
-Four parts, each a few functions:
+"""webdataset pipeline stages: tokens in, tokens out, one sample at a time.
 
 - stages: `encode_samples` / `decode_samples` are plain generators over webdataset samples (dicts
   with `__key__`, `__url__` and one field per file extension); `encode(...)` / `decode(...)`
@@ -10,45 +8,55 @@ Four parts, each a few functions:
 - failures: one policy for every bad sample (`on_error="raise" | "skip" | "null"`, or a
   webdataset `handler=`); every message names the sample's key and shard, and `StageStats`
   counts what happened.
-- reading shards: `open_url` opens local paths, `pipe:` commands and gopen's schemes through
-  webdataset, and any other `scheme://` URL through fsspec.
-- `tokenize_shards`: one output tar per input shard, written to a temporary name and renamed;
-  then a `<shard>.stats.json` written last, which is the completion marker a rerun looks for.
+- model handles: a model pickles as a small reference to its checkpoint (`_ModelRef`), so stages
+  travel to DataLoader workers and Ray actors without their weights.
+
+Shard-to-shard conversion (`tokenize_shards`, `read_shard`, `Manifest`...) lives in `shards.py`;
+its public names are importable from here too, as they always were.
 """
 
 from __future__ import annotations
 
 import collections
-import contextlib
 import dataclasses
 import io
 import json
 import logging
 import os
-import posixpath
-import re
-import sys
-import tarfile
 import threading
-import time
-import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .images import ImageDecodeError, OnError
-from .metadata import METADATA_KEY, TokenizerSpec
 from .modeling import VQModel
+
+if TYPE_CHECKING:
+    from .shards import (
+        Manifest,
+        ShardOptions,
+        ShardReadError,
+        ShardReport,
+        convert_shard,
+        expand_urls,
+        open_url,
+        read_shard,
+        register_fsspec,
+        tokenize_shards,
+        write_manifest,
+    )
 
 __all__ = [
     "DEFAULT_IMAGE_KEY",
     "Manifest",
     "SampleError",
+    "ShardOptions",
     "ShardReadError",
     "ShardReport",
     "Stage",
     "StageStats",
+    "convert_shard",
     "decode",
     "decode_samples",
     "encode",
@@ -58,20 +66,30 @@ __all__ = [
     "read_shard",
     "register_fsspec",
     "tokenize_shards",
+    "write_manifest",
 ]
+
+# Names that moved to shards.py; resolved on first use so that neither module imports the other
+# at import time (shards.py builds on this module).
+_SHARD_NAMES = frozenset({
+    "Manifest", "ShardOptions", "ShardReadError", "ShardReport", "convert_shard", "expand_urls",
+    "open_url", "read_shard", "register_fsspec", "tokenize_shards", "write_manifest",
+})
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_IMAGE_KEY = "jpg;png;jpeg;webp;ppm;bmp;tif;tiff"
-STATS_SUFFIX = ".stats.json"
-MANIFEST_NAME = "manifest.json"
 MAX_REPORTED_ERRORS = 100  # per shard / per stage; the counts stay exact beyond it
 _ON_ERROR = ("raise", "skip", "null")
 _IMAGE_FORMATS = ("pil", "numpy", "png", "jpeg", "webp")
 
-# Called as hook(url, samples_written) after every sample tokenize_shards writes. Tests use it to
-# slow a run down and kill it mid-shard; nothing in the library sets it.
-_after_sample_hook: Callable[[str, int], None] | None = None
+
+def __getattr__(name: str) -> Any:
+    if name in _SHARD_NAMES:
+        from . import shards
+
+        return getattr(shards, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # ------------------------------------------------------------------------------ errors, stats
@@ -91,18 +109,6 @@ class SampleError(ImageDecodeError):
 
     def __reduce__(self):
         return type(self), (self.reason, self.key, self.url)
-
-
-class ShardReadError(OSError):
-    """A shard could not be opened or read as a tar stream (missing, truncated, not a tar)."""
-
-    def __init__(self, url: str, reason: str):
-        self.url = url
-        self.reason = reason
-        super().__init__(f"cannot read shard {url}: {reason}")
-
-    def __reduce__(self):
-        return type(self), (self.url, self.reason)
 
 
 @dataclasses.dataclass
@@ -235,6 +241,39 @@ def _model_reference(model: VQModel) -> dict[str, Any]:
     return {"config": model.config.to_dict(), "params": params, **common}
 
 
+def _portable_reference(model: VQModel | str | os.PathLike, *,
+                        revision: str | None = None) -> dict[str, Any]:
+    """A reference that other machines can load: a Hub id pinned to its resolved commit, or a
+    checkpoint directory, which every machine must then see at the same path.
+
+    Never the parameters: on a cluster they would travel to every worker through the object
+    store (300 MB for f16-16384). An in-memory model has nothing else to send, so it raises.
+    """
+    if isinstance(model, (str, os.PathLike)):
+        name = os.fspath(model)
+        ref = {"path": os.path.abspath(name) if os.path.isdir(name) else name}
+        return {**ref, "revision": revision} if revision is not None else ref
+    if not isinstance(model, VQModel):
+        raise TypeError(
+            f"model must be a VQModel or a checkpoint path / Hub id, got {type(model).__name__}"
+        )
+    source = model.source
+    if source is None or not source.weights_file:
+        raise ValueError(
+            "this VQModel has no checkpoint to load it from (its weights exist only in this "
+            "process); save it with model.save_pretrained(directory) on storage every worker "
+            "sees, or push it to the Hub, and pass that directory or repo id as the model"
+        )
+    common = {
+        "dtype": model.dtype.name,
+        "value_range": list(model.config.value_range),
+        "digest": model.weights_digest,
+    }
+    if os.path.isdir(source.name):  # a local checkpoint, named as the user gave it
+        return {"path": os.path.dirname(source.weights_file), **common}
+    return {"path": source.name, "revision": source.revision, **common}
+
+
 _LOADED: dict[str, VQModel] = {}
 _LOADED_LOCK = threading.Lock()
 
@@ -250,7 +289,7 @@ def _load_model(ref: dict[str, Any]) -> VQModel:
         if "params" in ref:
             model = VQModel(VQGANConfig.from_dict(ref["config"]), ref["params"], dtype=ref["dtype"])
         else:
-            kwargs = {k: ref[k] for k in ("dtype",) if k in ref}
+            kwargs = {k: ref[k] for k in ("dtype", "revision") if ref.get(k) is not None}
             if "value_range" in ref:
                 kwargs["value_range"] = tuple(ref["value_range"])
             model = VQModel.from_pretrained(ref["path"], **kwargs)
@@ -673,566 +712,3 @@ def decode(
         keep_tokens=keep_tokens, grid=grid, on_error=on_error, handler=handler,
         batch_size=batch_size, error_key=error_key,
     )
-
-
-# ------------------------------------------------------------------------------ reading shards
-
-
-def expand_urls(inputs: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
-    """Shard URLs from brace patterns ("a/{000..009}.tar"), "::"-joined lists, or a list."""
-    import braceexpand
-
-    if isinstance(inputs, (str, os.PathLike)):
-        parts = os.fspath(inputs).split("::")
-    else:
-        parts = [os.fspath(p) for p in inputs]
-    urls = [url for part in parts if part for url in braceexpand.braceexpand(part)]
-    if not urls:
-        raise ValueError(f"no input shards in {inputs!r}")
-    return urls
-
-
-def _scheme(url: str) -> str:
-    match = re.match(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://", url)
-    return match.group(1).lower() if match else ""
-
-
-def _gopen_handles(url: str) -> bool:
-    from webdataset.gopen import gopen_schemes
-
-    if url.startswith("pipe:") or url == "-":
-        return True
-    scheme = _scheme(url)
-    return scheme in ("", "file") or scheme in gopen_schemes
-
-
-def open_url(url: str) -> BinaryIO:
-    """A readable binary stream: local paths, file://, pipe:, webdataset's schemes, else fsspec."""
-    try:
-        if _gopen_handles(url):
-            from webdataset.gopen import gopen
-
-            return gopen(url, "rb")
-        import fsspec
-
-        return fsspec.open(url, "rb").open()
-    except Exception as e:
-        raise ShardReadError(url, f"{type(e).__name__}: {e}") from e
-
-
-def _gopen_fsspec(url: str, mode: str = "rb", bufsize: int = 8192, **kw: Any) -> BinaryIO:
-    import fsspec
-
-    return fsspec.open(url, mode).open()
-
-
-def register_fsspec(*schemes: str) -> None:
-    """Let webdataset's own readers (WebDataset, tarfile_to_samples) open these URL schemes
-    through fsspec, e.g. register_fsspec("s3", "memory"). Changes webdataset's global table, so
-    it is the caller's explicit choice; tokenize_shards does not need it."""
-    from webdataset.gopen import gopen_schemes
-
-    for scheme in schemes:
-        gopen_schemes[scheme.rstrip(":/")] = _gopen_fsspec
-
-
-def read_shard(url: str) -> Iterator[dict]:
-    """The samples of one tar shard (raw bytes per field, `__key__`, `__url__`), in tar order.
-
-    Any failure to open or read the tar stream raises ShardReadError naming the url.
-    """
-    from webdataset.tariterators import group_by_keys, tar_file_expander
-
-    stream = open_url(url)
-
-    def reraise(exn: Exception) -> bool:
-        raise exn
-
-    try:
-        files = tar_file_expander([{"url": url, "stream": stream}], handler=reraise)
-        yield from group_by_keys(files, handler=reraise)
-    except ShardReadError:
-        raise
-    except (OSError, EOFError, ValueError, tarfile.TarError) as e:
-        reason = str(e.args[0]) if e.args else type(e).__name__
-        raise ShardReadError(url, f"{type(e).__name__}: {reason}") from e
-    finally:
-        with contextlib.suppress(Exception):
-            stream.close()
-
-
-# ------------------------------------------------------------------------------ output files
-# Output paths are local paths (file:// already stripped) or fsspec URLs (s3://, memory://...).
-
-
-def _is_local(path: str) -> bool:
-    return not _scheme(path)
-
-
-def _fs(path: str):
-    import fsspec.core
-
-    return fsspec.core.url_to_fs(path)
-
-
-def _split(path: str) -> tuple[str, str]:
-    return os.path.split(path) if _is_local(path) else posixpath.split(path)
-
-
-def _join(directory: str, name: str) -> str:
-    return os.path.join(directory, name) if _is_local(directory) else f"{directory.rstrip('/')}/{name}"
-
-
-def _remove(path: str) -> None:
-    if _is_local(path):
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(path)
-        return
-    fs, inner = _fs(path)
-    if fs.exists(inner):
-        fs.rm(inner)
-
-
-def _makedirs(directory: str) -> None:
-    if _is_local(directory):
-        os.makedirs(directory or ".", exist_ok=True)
-    else:
-        fs, inner = _fs(directory)
-        fs.makedirs(inner, exist_ok=True)
-
-
-def _list_names(directory: str) -> set[str]:
-    """File names in `directory`, listed once per run: one listing instead of a stat (or, on
-    object stores, a request) per shard."""
-    if _is_local(directory):
-        return set(os.listdir(directory or "."))
-    fs, inner = _fs(directory)
-    return {posixpath.basename(p.rstrip("/")) for p in fs.ls(inner, detail=False)}
-
-
-def _temp_prefix(name: str) -> str:
-    return f".{name}.tmp-"
-
-
-@contextlib.contextmanager
-def _atomic_write(final: str):
-    """Yields a binary file; on success the bytes are on disk (fsync) and renamed to `final`.
-
-    On failure the temporary file is removed. A reader never sees a partial `final`: a crash
-    leaves at most a hidden `.<name>.tmp-*` file, which the next run removes.
-    """
-    directory, name = _split(final)
-    temp = _join(directory, f"{_temp_prefix(name)}{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    try:
-        if _is_local(final):
-            with open(temp, "wb") as f:
-                yield f
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(temp, final)
-            _fsync_dir(directory)
-        else:
-            fs, inner = _fs(temp)
-            with fs.open(inner, "wb") as f:
-                yield f
-            fs.mv(inner, _fs(final)[1])
-    except BaseException:
-        with contextlib.suppress(Exception):
-            _remove(temp)
-        raise
-
-
-def _fsync_dir(directory: str) -> None:
-    # The rename itself is durable only once the directory entry is; not possible on Windows.
-    with contextlib.suppress(OSError):
-        fd = os.open(directory or ".", os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _write_json(final: str, data: dict[str, Any]) -> None:
-    text = json.dumps(data, indent=2, sort_keys=True, default=str) + "\n"
-    with _atomic_write(final) as f:
-        f.write(text.encode("utf-8"))
-
-
-def _read_json(path: str) -> dict[str, Any] | None:
-    try:
-        if _is_local(path):
-            with open(path, encoding="utf-8") as f:
-                return json.load(f)
-        fs, inner = _fs(path)
-        with fs.open(inner, "rb") as f:
-            return json.loads(f.read().decode("utf-8"))
-    except (OSError, ValueError):
-        return None
-
-
-# ------------------------------------------------------------------------------ tokenize_shards
-
-
-@dataclasses.dataclass
-class ShardReport:
-    """One input shard: where it went and what happened to its samples."""
-
-    url: str
-    output: str
-    stats_path: str
-    status: str  # "written" (this run), "finished" (by an earlier run), "failed"
-    samples_in: int = 0
-    encoded: int = 0
-    skipped: int = 0
-    failed: int = 0
-    seconds: float = 0.0
-    errors: list[dict[str, Any]] = dataclasses.field(default_factory=list)
-    error: str | None = None  # why the whole shard failed (status "failed")
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-@dataclasses.dataclass
-class Manifest:
-    """The result of tokenize_shards on this process: every shard it owns, and totals."""
-
-    output: str
-    shards: list[ShardReport]
-    spec: dict[str, Any]
-    process_index: int = 0
-    process_count: int = 1
-    worker_index: int = 0
-    worker_count: int = 1
-    seconds: float = 0.0
-    path: str | None = None  # where manifest JSON was written
-
-    @property
-    def written(self) -> list[ShardReport]:
-        return [s for s in self.shards if s.status == "written"]
-
-    @property
-    def finished(self) -> list[ShardReport]:
-        """Shards an earlier run completed; left as they were."""
-        return [s for s in self.shards if s.status == "finished"]
-
-    @property
-    def failed_shards(self) -> list[ShardReport]:
-        return [s for s in self.shards if s.status == "failed"]
-
-    @property
-    def totals(self) -> dict[str, int]:
-        """Sample counts over every completed shard (written now or before)."""
-        done = [s for s in self.shards if s.status != "failed"]
-        return {name: sum(getattr(s, name) for s in done)
-                for name in ("samples_in", "encoded", "skipped", "failed")}
-
-    @property
-    def images_per_second(self) -> float:
-        encoded = sum(s.encoded for s in self.written)
-        return encoded / self.seconds if self.seconds > 0 else 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "output": self.output,
-            "process_index": self.process_index,
-            "process_count": self.process_count,
-            "worker_index": self.worker_index,
-            "worker_count": self.worker_count,
-            "seconds": round(self.seconds, 3),
-            "images_per_second": round(self.images_per_second, 2),
-            "shards_written": len(self.written),
-            "shards_finished_before": len(self.finished),
-            "shards_failed": len(self.failed_shards),
-            "totals": self.totals,
-            METADATA_KEY: self.spec,
-            "shards": [s.to_dict() for s in self.shards],
-        }
-
-
-def _shard_stem(url: str, index: int) -> str:
-    """The input's file name without .tar/.tgz/.tar.gz; for pipe: commands, the last tar name."""
-    names = re.findall(r"([^\s/|<>;'\"]+)\.(?:tar\.gz|tgz|tar)(?=$|[\s'\";|?#])", url)
-    if names:
-        return names[-1]
-    base = posixpath.basename(url.split("?")[0].rstrip("/"))
-    stem = re.sub(r"\.(tar\.gz|tgz|tar)$", "", base)
-    return stem if stem and not url.startswith("pipe:") else f"{index:05d}"
-
-
-def _output_path(output: str, url: str, index: int) -> str:
-    stem = _shard_stem(url, index)
-    if "{shard" in output or "{index" in output:
-        return output.format(shard=stem, index=index)
-    return _join(output, stem + ".tar")
-
-
-def _stats_path(output_file: str) -> str:
-    return re.sub(r"\.tar$", "", output_file) + STATS_SUFFIX
-
-
-def _output_dir(output: str) -> str:
-    """Where the manifest goes: the directory, or a pattern's directory before any field."""
-    return _split(output.split("{", 1)[0])[0] if "{" in output else output
-
-
-def _assign(count: int, process: tuple[int, int], worker: tuple[int, int]) -> list[int]:
-    """Shard i goes to process i % P; within a process, its j-th shard to worker j % W."""
-    p_index, p_count = process
-    w_index, w_count = worker
-    mine = [i for i in range(count) if i % p_count == p_index]
-    return mine[w_index::w_count]
-
-
-def _check_split(name: str, index: int, count: int) -> tuple[int, int]:
-    if isinstance(index, bool) or isinstance(count, bool) or count < 1 or not 0 <= index < count:
-        raise ValueError(f"{name}_index must be in [0, {name}_count); got {index} of {count}")
-    return int(index), int(count)
-
-
-def _torch_worker() -> tuple[int, int]:
-    """(id, count) inside a torch DataLoader worker, else (0, 1). Only looks if torch is already
-    imported: a process that never imported torch is not one of its workers."""
-    data = sys.modules.get("torch.utils.data")
-    info = data.get_worker_info() if data is not None else None
-    return (int(info.id), int(info.num_workers)) if info is not None else (0, 1)
-
-
-def tokenize_shards(
-    inputs: str | Sequence[str],
-    output: str | os.PathLike,
-    *,
-    model: VQModel | str,
-    image_size: int | None = None,
-    image_key: str | Sequence[str] = DEFAULT_IMAGE_KEY,
-    output_key: str = "vqgan.npy",
-    keep_image: bool = False,
-    on_error: OnError = "skip",
-    error_key: str = "vqgan_error",
-    batch_size: int = 8,
-    draft: bool = True,
-    progress: bool = True,
-    process_index: int | None = None,
-    process_count: int | None = None,
-    worker_index: int | None = None,
-    worker_count: int | None = None,
-    overwrite: bool = False,
-) -> Manifest:
-    """Tokenize tar shards into tar shards: one output per input, same keys, tokens as .npy.
-
-    `output` is a directory (outputs keep the input's file name, e.g. `00042.tar`) or a pattern
-    with `{shard}` (the input's name without .tar) and/or `{index}` (its position in the input
-    list). Each output is renamed into place when complete, then `<name>.stats.json` is written;
-    a rerun skips shards whose stats and tar both exist, so a killed run resumes with every
-    sample written exactly once. Shards are split across JAX processes (shard i to process
-    i % count) and then across torch DataLoader workers, unless the arguments say otherwise.
-    A shard that cannot be read raises under on_error="raise", else it is reported as failed
-    (no stats, so a rerun retries it) and the others go on.
-    """
-    started = time.monotonic()
-    model = _as_model(model)
-    policy = _Policy(on_error)
-    spec = TokenizerSpec.from_model(model, image_size)
-    output = re.sub(r"^file://", "", os.fspath(output))
-    urls = expand_urls(inputs)
-    if process_index is None or process_count is None:
-        import jax
-
-        process_index = jax.process_index() if process_index is None else process_index
-        process_count = jax.process_count() if process_count is None else process_count
-    if worker_index is None or worker_count is None:
-        detected = _torch_worker()
-        worker_index = detected[0] if worker_index is None else worker_index
-        worker_count = detected[1] if worker_count is None else worker_count
-    process = _check_split("process", process_index, process_count)
-    worker = _check_split("worker", worker_index, worker_count)
-
-    outputs = [_output_path(output, url, i) for i, url in enumerate(urls)]
-    clashes = [o for o, n in collections.Counter(outputs).items() if n > 1]
-    if clashes:
-        raise ValueError(
-            f"several input shards map to the output {clashes[0]!r}; use a pattern with "
-            "{index} (e.g. 'out/{index:05d}.tar') or inputs with distinct file names"
-        )
-    mine = _assign(len(urls), process, worker)
-    directory = _output_dir(output)
-    _makedirs(directory)
-    listings: dict[str, set[str]] = {}  # output folder → names in it when the run started
-    for i in mine:
-        folder = _split(outputs[i])[0]
-        if folder not in listings:
-            _makedirs(folder)
-            listings[folder] = _list_names(folder)
-
-    options = _EncodeOptions(
-        image_keys=_parse_keys(image_key, "image_key"), output_key=output_key,
-        image_size=spec.image_size, keep_image=keep_image, error_key=error_key,
-        token_dtype=spec.token_dtype, draft=draft, policy=policy,
-    )
-    settings = {"image_key": ";".join(options.image_keys), "output_key": output_key,
-                "keep_image": keep_image, "on_error": on_error, "error_key": error_key}
-    # Every finished shard is checked before anything is written: a mismatch must stop the run
-    # before it adds a single shard made with other settings.
-    finished = {} if overwrite else {
-        i: _finished(urls[i], outputs[i], listings[_split(outputs[i])[0]], spec, settings)
-        for i in mine
-    }
-    reports: list[ShardReport] = []
-    engine = None
-
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=None, unit="img", desc=f"tokenize 0/{len(mine)} shards", file=sys.stderr,
-               disable=not progress, dynamic_ncols=True)
-    try:
-        for done, i in enumerate(mine):
-            url, target = urls[i], outputs[i]
-            report = finished.get(i)
-            if report is None:
-                if engine is None:  # compiled only when there is work: a no-op rerun is quick
-                    from .engine import get_engine
-
-                    engine = get_engine(model, batch_size=batch_size)
-                report = _convert_shard(url, target, listings[_split(target)[0]], engine,
-                                        options, spec, settings, bar)
-            reports.append(report)
-            bar.set_description_str(f"tokenize {done + 1}/{len(mine)} shards")
-    finally:
-        bar.close()
-
-    manifest = Manifest(
-        output=output, shards=reports, spec=spec.to_dict(), process_index=process[0],
-        process_count=process[1], worker_index=worker[0], worker_count=worker[1],
-        seconds=time.monotonic() - started,
-    )
-    name = MANIFEST_NAME if process[1] * worker[1] == 1 else (
-        f"manifest-{process[0]:05d}-of-{process[1]:05d}-worker-{worker[0]:03d}.json"
-    )
-    manifest.path = _join(directory, name)
-    _write_json(manifest.path, manifest.to_dict())
-    _log_summary(manifest)
-    return manifest
-
-
-def _finished(url: str, target: str, names: set[str], spec: TokenizerSpec,
-              settings: dict[str, Any]) -> ShardReport | None:
-    """The report of a shard an earlier run completed (stats JSON and tar both present), or None.
-
-    Refuses to mix outputs: a finished shard made by another tokenizer, or with other fields
-    (image_key, output_key, keep_image, error_key), raises. on_error may change between runs.
-    """
-    stats_file = _stats_path(target)
-    if _split(stats_file)[1] not in names or _split(target)[1] not in names:
-        return None
-    stats = _read_json(stats_file)
-    if stats is None:  # unreadable: written atomically, so not ours; redo the shard
-        return None
-    recorded = stats.get(METADATA_KEY)
-    if recorded is not None:
-        try:
-            theirs = TokenizerSpec.from_dict(recorded)
-        except (KeyError, TypeError, ValueError):
-            theirs = None
-        if theirs is None or theirs.fingerprint() != spec.fingerprint():
-            why = (theirs.mismatch(spec) if theirs is not None else None) or "settings differ"
-            raise ValueError(
-                f"{target} was tokenized by another tokenizer ({why}); write to another "
-                "output or pass overwrite=True"
-            )
-    recorded = {k: v for k, v in stats.get("settings", {}).items() if k != "on_error"}
-    wanted = {k: v for k, v in settings.items() if k != "on_error"}
-    if recorded and recorded != wanted:
-        changed = sorted(k for k in wanted if recorded.get(k) != wanted[k])
-        raise ValueError(
-            f"{target} was written with other settings ({', '.join(changed)}: "
-            f"{[recorded.get(k) for k in changed]} then, {[wanted[k] for k in changed]} now); "
-            "write to another output or pass overwrite=True"
-        )
-    return ShardReport(
-        url=url, output=target, stats_path=stats_file, status="finished",
-        samples_in=int(stats.get("samples_in", 0)), encoded=int(stats.get("encoded", 0)),
-        skipped=int(stats.get("skipped", 0)), failed=int(stats.get("failed", 0)),
-        seconds=float(stats.get("seconds", 0.0)), errors=list(stats.get("errors", [])),
-    )
-
-
-def _convert_shard(url, target, names, engine, options, spec, settings, bar) -> ShardReport:
-    from webdataset import TarWriter
-
-    started = time.monotonic()
-    stats_file = _stats_path(target)
-    folder, stats_name = _split(stats_file)
-    # A stale marker must go before the tar is replaced: a crash between the two renames must
-    # never leave an old stats file next to a new tar.
-    if stats_name in names:
-        _remove(stats_file)
-    prefixes = (_temp_prefix(_split(target)[1]), _temp_prefix(stats_name))
-    for leftover in sorted(n for n in names if n.startswith(prefixes)):
-        logger.info("removing %s, left by an interrupted run", _join(folder, leftover))
-        _remove(_join(folder, leftover))
-    stats = StageStats()
-    counted = 0
-    try:
-        with _atomic_write(target) as f:
-            writer = TarWriter(f)
-            try:
-                for sample in _encode_stream(read_shard(url), engine, options, stats):
-                    writer.write(sample)
-                    bar.update(stats.samples_in - counted)
-                    counted = stats.samples_in
-                    if _after_sample_hook is not None:
-                        _after_sample_hook(url, counted)
-            except BaseException:
-                # Close the tar stream while its file is open (the temp file is removed next);
-                # left to the garbage collector it would write to a closed file.
-                with contextlib.suppress(Exception):
-                    writer.close()
-                raise
-            bar.update(stats.samples_in - counted)
-            writer.close()  # the tar end blocks; the file itself is closed by _atomic_write
-    except ShardReadError as e:
-        if options.policy.on_error == "raise":
-            raise
-        logger.error("%s; the shard is left unfinished and a rerun will retry it", e)
-        return ShardReport(url=url, output=target, stats_path=stats_file, status="failed",
-                           samples_in=stats.samples_in, encoded=stats.encoded,
-                           skipped=stats.skipped, failed=stats.failed,
-                           seconds=time.monotonic() - started, errors=stats.errors,
-                           error=str(e))
-    seconds = time.monotonic() - started
-    record = {
-        "url": url,
-        "output": target,
-        "samples_in": stats.samples_in,
-        "encoded": stats.encoded,
-        "skipped": stats.skipped,
-        "failed": stats.failed,
-        "errors": stats.errors,
-        "errors_not_listed": stats.errors_not_listed,
-        "seconds": round(seconds, 3),
-        "images_per_second": round(stats.encoded / seconds, 2) if seconds > 0 else 0.0,
-        "settings": settings,
-        METADATA_KEY: spec.to_dict(),
-    }
-    _write_json(stats_file, record)  # last: the completion marker
-    if stats.skipped or stats.failed:
-        logger.warning("%s: %d of %d samples skipped, %d failed (on_error=%r); see %s",
-                       url, stats.skipped, stats.samples_in, stats.failed,
-                       options.policy.on_error, stats_file)
-    return ShardReport(url=url, output=target, stats_path=stats_file, status="written",
-                       samples_in=stats.samples_in, encoded=stats.encoded,
-                       skipped=stats.skipped, failed=stats.failed, seconds=seconds,
-                       errors=stats.errors)
-
-
-def _log_summary(manifest: Manifest) -> None:
-    totals = manifest.totals
-    logger.info(
-        "tokenize_shards: %d shards written, %d finished before, %d failed; %d samples, "
-        "%d encoded, %d skipped, %d failed; %.1f images/s over %.1f s; manifest %s",
-        len(manifest.written), len(manifest.finished), len(manifest.failed_shards),
-        totals["samples_in"], totals["encoded"], totals["skipped"], totals["failed"],
-        manifest.images_per_second, manifest.seconds, manifest.path,
-    )
-    for report in manifest.failed_shards:
-        logger.error("shard not converted: %s", report.error)
