@@ -49,7 +49,7 @@ import numpy as np
 
 from . import checkpoints
 from .config import VQGANConfig, _parse_value_range
-from .metadata import FORMAT_VERSION, METADATA_KEY, PREPROCESSING, TokenizerSpec
+from .metadata import FORMAT_VERSION, METADATA_KEY, TokenizerSpec, preprocessing
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -425,7 +425,7 @@ class VQGANTokenizer:
                 token_dtype=config.token_dtype,
                 value_range=tuple(config.value_range),
                 compute_dtype=self._source.dtype,
-                preprocessing=_preprocessing(self.draft),
+                preprocessing=preprocessing(self.draft),
             )
         return self._spec
 
@@ -680,12 +680,6 @@ def _rebuild_tokenizer(state: Mapping[str, Any]) -> VQGANTokenizer:
     tok._source.expect(VQGANConfig.from_dict(spec.config), spec.weights_digest, spec.revision)
     tok._spec = spec
     return tok
-
-
-def _preprocessing(draft: bool) -> str:
-    # images.py drafts large JPEGs by default, so PREPROCESSING names the default; say so when
-    # the full decode (slightly different pixels, hence tokens) was used.
-    return PREPROCESSING if draft else f"{PREPROCESSING}; full JPEG decode (no draft)"
 
 
 def _key_values(batch: Any, *, lazy: bool) -> tuple[str, list] | None:

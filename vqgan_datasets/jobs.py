@@ -113,6 +113,9 @@ def encode(
 
         distributed.initialize(**multihost)
     if is_shard_source(source):
+        if value_range is not None or dtype is not None:
+            # Shard workers take these settings from the model itself (its reference).
+            model = _load_model(model, dtype=dtype, value_range=value_range)
         kwargs = dict(model=model, image_size=image_size, batch_size=batch_size,
                       on_error=on_error, keep_image=keep_image)
         if ray_address is not None:
@@ -309,13 +312,17 @@ def _token_column(dataset: Any) -> str:
     return _read_column_metadata(dataset, None)[0]
 
 
-def _load_model(model: Any):
+def _load_model(model: Any, *, dtype: str | None = None,
+                value_range: tuple[float, float] | None = None):
     from .hf import DEFAULT_MODEL
     from .modeling import VQModel
 
     if isinstance(model, VQModel):
         return model
-    return VQModel.from_pretrained(DEFAULT_MODEL if model is None else os.fspath(model))
+    kwargs: dict[str, Any] = {"value_range": value_range}
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    return VQModel.from_pretrained(DEFAULT_MODEL if model is None else os.fspath(model), **kwargs)
 
 
 def info(model: Any = None) -> dict[str, Any]:

@@ -17,6 +17,12 @@ from . import __version__
 # Bump when the meaning of tokens written by this library changes (layout, preprocessing).
 FORMAT_VERSION = 1
 PREPROCESSING = "rgb(alpha over white, exif) > resize shortest side LANCZOS > center crop"
+
+
+def preprocessing(draft: bool = True) -> str:
+    """The recorded preprocessing. images.py drafts large JPEGs by default, so PREPROCESSING
+    names the default; the full decode (slightly different pixels, hence tokens) says so."""
+    return PREPROCESSING if draft else f"{PREPROCESSING}; full JPEG decode (no draft)"
 METADATA_KEY = "vqgan_datasets"  # key in Arrow schema metadata / dataset card / shard stats
 
 
@@ -39,7 +45,8 @@ class TokenizerSpec:
     library_version: str = __version__
 
     @classmethod
-    def from_model(cls, model: Any, image_size: int | None = None) -> TokenizerSpec:
+    def from_model(cls, model: Any, image_size: int | None = None, *,
+                   draft: bool = True) -> TokenizerSpec:
         """The spec of `model` (a VQModel) encoding square images of `image_size`."""
         config = model.config
         size = int(image_size or config.resolution)
@@ -54,6 +61,7 @@ class TokenizerSpec:
             token_dtype=config.token_dtype,
             value_range=tuple(config.value_range),
             compute_dtype=str(model.dtype.name if hasattr(model.dtype, "name") else model.dtype),
+            preprocessing=preprocessing(draft),
         )
 
     @property

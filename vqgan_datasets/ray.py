@@ -31,7 +31,7 @@ import numpy as np
 
 from . import shards as shards_lib
 from .images import OnError
-from .metadata import TokenizerSpec
+from .metadata import TokenizerSpec, preprocessing
 from .modeling import VQModel
 from .shards import Manifest, ShardOptions, ShardReport, convert_shard
 from .wds import DEFAULT_IMAGE_KEY, SampleError, _load_model, _portable_reference
@@ -94,7 +94,7 @@ def tokenize(
                            keep_image=keep_image, on_error=on_error, error_key=error_key,
                            batch_size=batch_size, draft=draft, overwrite=overwrite)
     ref = _portable_reference(model, revision=revision)
-    spec = _describe(model, ref, image_size)
+    spec = _describe(model, ref, image_size, draft)
     output = shards_lib._normalize_output(output)
     urls = shards_lib.expand_urls(inputs)
     plan = shards_lib._plan(urls, output, None, spec, options)
@@ -136,13 +136,13 @@ def tokenize(
 
 
 def _describe(model: VQModel | str | os.PathLike, ref: dict[str, Any],
-              image_size: int | None) -> TokenizerSpec:
+              image_size: int | None, draft: bool) -> TokenizerSpec:
     """The spec the workers will compute, found on the driver without loading the weights.
 
     For a Hub id, pins `ref` to the commit found here, so that every worker loads the same one.
     """
     if isinstance(model, VQModel):
-        return TokenizerSpec.from_model(model, image_size)
+        return TokenizerSpec.from_model(model, image_size, draft=draft)
     from . import checkpoints
 
     directory, commit = checkpoints.resolve(ref["path"], revision=ref.get("revision"))
@@ -155,6 +155,7 @@ def _describe(model: VQModel | str | os.PathLike, ref: dict[str, Any],
         config=config.to_dict(), image_size=size, grid=config.grid_shape(size),
         codebook_size=config.n_embed, token_dtype=config.token_dtype,
         value_range=tuple(config.value_range), compute_dtype="float32",
+        preprocessing=preprocessing(draft),
     )
 
 
@@ -293,7 +294,7 @@ class RayTokenizer:
         from .engine import get_engine
 
         self.engine = get_engine(self.model, batch_size=batch_size)
-        self.spec = TokenizerSpec.from_model(self.model, image_size)
+        self.spec = TokenizerSpec.from_model(self.model, image_size, draft=self.draft)
 
     def __call__(self, batch: Any) -> dict[str, np.ndarray]:
         columns = _numpy_columns(batch)

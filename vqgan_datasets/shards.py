@@ -530,7 +530,7 @@ def convert_shard(
     """
     options = options or ShardOptions()
     engine = _engine_for(model, options)
-    spec = TokenizerSpec.from_model(engine.model, options.image_size)
+    spec = TokenizerSpec.from_model(engine.model, options.image_size, draft=options.draft)
     settings = options.settings()
     if not options.overwrite:
         done = _finished(url, output, listing, spec, settings)
@@ -777,7 +777,7 @@ def tokenize_shards(
     options = ShardOptions(image_size=image_size, image_key=image_key, output_key=output_key,
                            keep_image=keep_image, on_error=on_error, error_key=error_key,
                            batch_size=batch_size, draft=draft, overwrite=overwrite)
-    spec = TokenizerSpec.from_model(model, image_size)
+    spec = TokenizerSpec.from_model(model, image_size, draft=draft)
     output = _normalize_output(output)
     import jax
 
