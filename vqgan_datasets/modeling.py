@@ -592,6 +592,7 @@ class VQModel:
         )
         self._encode_images = jax.jit(functools.partial(encode_uint8, self.module,
                                                         config.value_range))
+        self._decode_images: dict[tuple[int, int] | None, Any] = {}
 
     # -- loading and saving -------------------------------------------------------------------
 
@@ -701,8 +702,11 @@ class VQModel:
         """Token ids [B,h*w] → uint8 images [B,H,W,3], with `config.value_range` applied."""
         codes = np.asarray(codes)
         check_codes(codes, self.config.n_embed)
-        fn = jax.jit(functools.partial(decode_uint8, self.module, self.config.value_range, grid))
-        return np.asarray(fn(self.params, codes))
+        fn = self._decode_images.get(grid)
+        if fn is None:  # one compiled program per grid, reused across calls
+            fn = jax.jit(functools.partial(decode_uint8, self.module, self.config.value_range, grid))
+            self._decode_images[grid] = fn
+        return np.asarray(fn(self.params, codes.astype(np.int32, copy=False)))
 
     def _params(self, params: dict | None) -> dict:
         return self.params if params is None else params
