@@ -57,3 +57,37 @@ def photos(size: int, count: int = 4) -> np.ndarray:
         crop = Image.fromarray(array[top : top + side, left : left + side])
         out.append(np.asarray(crop.resize((size, size), Image.LANCZOS)))
     return np.stack(out)
+
+
+# Shared by the webdataset, shards, Ray and multi-host tests: the same tiny checkpoint loaded
+# from disk (so subprocesses that load the directory get the same weights digest), real-photo
+# samples, their direct-encode tokens, and tar shards of them.
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_dir):
+    from vqgan_datasets.modeling import VQModel
+
+    return VQModel.from_pretrained(str(tiny_model_dir))
+
+
+@pytest.fixture(scope="module")
+def samples():
+    from test_wds import make_samples
+
+    return make_samples()
+
+
+@pytest.fixture(scope="module")
+def reference(model, samples):
+    from test_wds import reference_tokens
+
+    return reference_tokens(model, samples)
+
+
+@pytest.fixture(scope="module")
+def shards(samples, tmp_path_factory):
+    from test_wds import make_shards
+
+    root = tmp_path_factory.mktemp("shards")
+    return root, make_shards(root, samples)

@@ -17,10 +17,9 @@ import textwrap
 import time
 
 import pytest
-from test_wds import check_outputs, make_samples, make_shards, reference_tokens
+from test_wds import check_outputs
 
 from vqgan_datasets import distributed
-from vqgan_datasets.modeling import VQModel
 
 DEADLINE = 120  # seconds for any one multi-host run; they take ~10 s here
 
@@ -54,27 +53,6 @@ HOST_SCRIPT = textwrap.dedent("""
         "shards": [[s.url, s.status] for s in manifest.shards],
     }))
 """)
-
-
-@pytest.fixture(scope="module")
-def model(tiny_model_dir):
-    return VQModel.from_pretrained(str(tiny_model_dir))
-
-
-@pytest.fixture(scope="module")
-def samples():
-    return make_samples()
-
-
-@pytest.fixture(scope="module")
-def reference(model, samples):
-    return reference_tokens(model, samples)
-
-
-@pytest.fixture(scope="module")
-def shards(samples, tmp_path_factory):
-    root = tmp_path_factory.mktemp("shards")
-    return root, make_shards(root, samples)
 
 
 def free_port() -> int:

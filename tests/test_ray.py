@@ -19,10 +19,7 @@ from test_wds import (
     BATCH,
     check_outputs,
     image_of,
-    make_samples,
-    make_shards,
     read_tar,
-    reference_tokens,
     snapshot,
 )
 
@@ -56,27 +53,6 @@ def cluster():
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
-
-
-@pytest.fixture(scope="module")
-def model(tiny_model_dir):
-    return VQModel.from_pretrained(str(tiny_model_dir))
-
-
-@pytest.fixture(scope="module")
-def samples():
-    return make_samples()
-
-
-@pytest.fixture(scope="module")
-def reference(model, samples):
-    return reference_tokens(model, samples)
-
-
-@pytest.fixture(scope="module")
-def shards(samples, tmp_path_factory):
-    root = tmp_path_factory.mktemp("shards")
-    return root, make_shards(root, samples)
 
 
 def contents(path) -> list[dict]:

@@ -20,9 +20,7 @@ from test_wds import (
     BATCH,
     check_outputs,
     make_samples,
-    make_shards,
     read_tar,
-    reference_tokens,
     snapshot,
     tokens_of,
     write_tar,
@@ -34,29 +32,6 @@ from vqgan_datasets import wds as vqwds
 from vqgan_datasets.engine import get_engine
 from vqgan_datasets.metadata import METADATA_KEY
 from vqgan_datasets.modeling import VQModel
-
-
-@pytest.fixture(scope="module")
-def model(tiny_model_dir):
-    # Loaded from disk (not the in-memory fixture) so the subprocess of the resume test, which
-    # loads the same directory, has the same weights digest and hence the same TokenizerSpec.
-    return VQModel.from_pretrained(str(tiny_model_dir))
-
-
-@pytest.fixture(scope="module")
-def samples():
-    return make_samples()
-
-
-@pytest.fixture(scope="module")
-def reference(model, samples):
-    return reference_tokens(model, samples)
-
-
-@pytest.fixture(scope="module")
-def shards(samples, tmp_path_factory):
-    root = tmp_path_factory.mktemp("shards")
-    return root, make_shards(root, samples)
 
 
 def test_wds_keeps_the_shard_names():

@@ -118,33 +118,11 @@ def snapshot(directory) -> dict:
 
 
 @pytest.fixture(scope="module")
-def model(tiny_model_dir):
-    # Loaded from disk, as the other modules' models are: one weights digest everywhere.
-    return VQModel.from_pretrained(str(tiny_model_dir))
-
-
-@pytest.fixture(scope="module")
-def samples():
-    return make_samples()
-
-
-@pytest.fixture(scope="module")
-def reference(model, samples):
-    return reference_tokens(model, samples)
-
-
-@pytest.fixture(scope="module")
 def decoded(model, reference, samples):
     """Direct decode of the first shard's reference tokens, by key."""
     keys = [s["__key__"] for s in samples[:4]]
     images = model.decode_images(np.stack([reference[k] for k in keys]))
     return dict(zip(keys, images, strict=True))
-
-
-@pytest.fixture(scope="module")
-def shards(samples, tmp_path_factory):
-    root = tmp_path_factory.mktemp("shards")
-    return root, make_shards(root, samples)
 
 
 # ------------------------------------------------------------------------------ encode stage

@@ -49,7 +49,7 @@ import numpy as np
 
 from . import checkpoints
 from .config import VQGANConfig, _parse_value_range
-from .metadata import FORMAT_VERSION, METADATA_KEY, TokenizerSpec, preprocessing
+from .metadata import FORMAT_VERSION, METADATA_KEY, TokenizerSpec
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -413,19 +413,9 @@ class VQGANTokenizer:
         """What makes these tokens; computed without loading the weights."""
         if self._spec is None:
             config, digest, commit = self._source.describe()
-            size = self.image_size or config.resolution
-            self._spec = TokenizerSpec(
-                model_name=self._source.ref,
-                revision=commit,
-                weights_digest=digest,
-                config=config.to_dict(),
-                image_size=size,
-                grid=config.grid_shape(size),
-                codebook_size=config.n_embed,
-                token_dtype=config.token_dtype,
-                value_range=tuple(config.value_range),
-                compute_dtype=self._source.dtype,
-                preprocessing=preprocessing(self.draft),
+            self._spec = TokenizerSpec.describe(
+                config, digest, model_name=self._source.ref, revision=commit,
+                image_size=self.image_size, compute_dtype=self._source.dtype, draft=self.draft,
             )
         return self._spec
 
@@ -824,13 +814,9 @@ class VQGANDetokenizer:
     def spec_for(self, image_size: int | None = None) -> TokenizerSpec:
         """This model's spec (for comparing with recorded metadata); no weights are read."""
         config, digest, commit = self._source.describe()
-        size = image_size or config.resolution
-        return TokenizerSpec(
-            model_name=self._source.ref, revision=commit, weights_digest=digest,
-            config=config.to_dict(), image_size=size, grid=config.grid_shape(size),
-            codebook_size=config.n_embed, token_dtype=config.token_dtype,
-            value_range=tuple(config.value_range), compute_dtype=self._source.dtype,
-        )
+        return TokenizerSpec.describe(config, digest, model_name=self._source.ref,
+                                      revision=commit, image_size=image_size,
+                                      compute_dtype=self._source.dtype)
 
     @property
     def loaded(self) -> bool:

@@ -45,24 +45,33 @@ class TokenizerSpec:
     library_version: str = __version__
 
     @classmethod
-    def from_model(cls, model: Any, image_size: int | None = None, *,
-                   draft: bool = True) -> TokenizerSpec:
-        """The spec of `model` (a VQModel) encoding square images of `image_size`."""
-        config = model.config
+    def describe(cls, config: Any, weights_digest: str, *, model_name: str | None = None,
+                 revision: str | None = None, image_size: int | None = None,
+                 compute_dtype: str = "float32", draft: bool = True) -> TokenizerSpec:
+        """The spec of a model known by its config and weights digest (no weights needed)."""
         size = int(image_size or config.resolution)
         return cls(
-            model_name=model.name,
-            revision=model.revision,
-            weights_digest=model.weights_digest,
+            model_name=model_name,
+            revision=revision,
+            weights_digest=weights_digest,
             config=config.to_dict(),
             image_size=size,
             grid=config.grid_shape(size),
             codebook_size=config.n_embed,
             token_dtype=config.token_dtype,
             value_range=tuple(config.value_range),
-            compute_dtype=str(model.dtype.name if hasattr(model.dtype, "name") else model.dtype),
+            compute_dtype=compute_dtype,
             preprocessing=preprocessing(draft),
         )
+
+    @classmethod
+    def from_model(cls, model: Any, image_size: int | None = None, *,
+                   draft: bool = True) -> TokenizerSpec:
+        """The spec of `model` (a VQModel) encoding square images of `image_size`."""
+        dtype = str(model.dtype.name if hasattr(model.dtype, "name") else model.dtype)
+        return cls.describe(model.config, model.weights_digest, model_name=model.name,
+                            revision=model.revision, image_size=image_size,
+                            compute_dtype=dtype, draft=draft)
 
     @property
     def sequence_length(self) -> int:

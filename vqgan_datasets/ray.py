@@ -31,7 +31,7 @@ import numpy as np
 
 from . import shards as shards_lib
 from .images import OnError
-from .metadata import TokenizerSpec, preprocessing
+from .metadata import TokenizerSpec
 from .modeling import VQModel
 from .shards import Manifest, ShardOptions, ShardReport, convert_shard
 from .wds import DEFAULT_IMAGE_KEY, SampleError, _load_model, _portable_reference
@@ -149,14 +149,8 @@ def _describe(model: VQModel | str | os.PathLike, ref: dict[str, Any],
     config = checkpoints.load_config(directory, name=ref["path"])
     digest = checkpoints.file_digest(checkpoints.weights_file(directory))
     ref.update({"digest": digest, **({"revision": commit} if commit else {})})
-    size = int(image_size or config.resolution)
-    return TokenizerSpec(
-        model_name=ref["path"], revision=commit, weights_digest=digest,
-        config=config.to_dict(), image_size=size, grid=config.grid_shape(size),
-        codebook_size=config.n_embed, token_dtype=config.token_dtype,
-        value_range=tuple(config.value_range), compute_dtype="float32",
-        preprocessing=preprocessing(draft),
-    )
+    return TokenizerSpec.describe(config, digest, model_name=ref["path"], revision=commit,
+                                  image_size=image_size, draft=draft)
 
 
 def _remove_leftovers(plan, indices: Sequence[int], *, fresh: bool) -> None:
