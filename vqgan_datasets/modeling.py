@@ -470,9 +470,11 @@ class VQGAN(nn.Module):
 
     def __call__(self, pixels: jax.Array, deterministic: bool = True):
         """Reconstruction: (pixels', quantized, latents, indices); used by training and init."""
-        z = self.quant_conv(self.encoder(pixels, deterministic))
+        z = self.quant_conv(self.encoder(pixels, deterministic)).astype(jnp.float32)
         quantized, indices = self.quantize(z)
-        return self.decode(quantized, deterministic), quantized, z, indices
+        # Straight-through estimator: the decoder sees the codes, the encoder gets its gradient.
+        passed = z + jax.lax.stop_gradient(quantized - z)
+        return self.decode(passed, deterministic), quantized, z, indices
 
 
 def module_from_config(config: VQGANConfig, dtype: Dtype = jnp.float32) -> VQGAN:
