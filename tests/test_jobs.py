@@ -69,6 +69,9 @@ def test_encode_decode_round_trip(folder, tmp_path, tiny_model_dir, tiny_model):
     assert names == ["astronaut.png", "coffee.png", "sub_chelsea.png"]
     image = np.asarray(Image.open(tmp_path / "decoded" / "astronaut.png"))
     assert np.abs(image.astype(int) - tiny_model.decode_images(expected[:1])[0]).max() <= 1
+    # A token dataset reports codebook usage and decoded previews with its recorded model.
+    page = Path(jobs.report(tmp_path / "tokens", tmp_path / "token_report", max_samples=3))
+    assert "data:image/png;base64" in page.read_text()
 
 
 def test_preview_report_info(folder, tmp_path, tiny_model_dir):

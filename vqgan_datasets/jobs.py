@@ -275,16 +275,11 @@ def report(
     """The HTML quality report for `model` on images from `source`, or on a token dataset."""
     from .report import build_report
 
-    path = Path(os.fspath(source))
-    if path.is_dir() and _is_token_dataset(path):
-        import datasets
-
-        from .hf import read_metadata
-
-        dataset = datasets.load_from_disk(str(path))
-        spec_column = _token_column(dataset)
-        loaded = _load_model(model if model is not None else read_metadata(dataset).model_name)
-        rows = dataset.select(range(min(max_samples, len(dataset))))[spec_column]
+    tokens = _token_dataset(Path(os.fspath(source)))
+    if tokens is not None:
+        dataset, column, spec = tokens
+        loaded = _load_model(model if model is not None else spec.model_name)
+        rows = dataset.select(range(min(max_samples, len(dataset))))[column]
         return build_report(loaded, tokens=np.asarray(rows), out_dir=output_dir,
                             max_samples=max_samples)
     images, _ = _sample_images(source, max_samples)
@@ -292,24 +287,20 @@ def report(
                         max_samples=max_samples)
 
 
-def _is_token_dataset(path: Path) -> bool:
-    if not (path / "dataset_info.json").is_file():
-        return False
+def _token_dataset(path: Path) -> tuple[Any, str, Any] | None:
+    """(dataset, token column, its TokenizerSpec) for a saved token dataset, else None."""
+    if not (path.is_dir() and (path / "dataset_info.json").is_file()):
+        return None
     import datasets
 
-    try:
-        from .hf import read_metadata
-
-        read_metadata(datasets.load_from_disk(str(path)))
-        return True
-    except ValueError:
-        return False
-
-
-def _token_column(dataset: Any) -> str:
     from .hf import _read_column_metadata
 
-    return _read_column_metadata(dataset, None)[0]
+    dataset = datasets.load_from_disk(str(path))
+    try:
+        column, spec = _read_column_metadata(dataset, None)
+    except ValueError:
+        return None
+    return dataset, column, spec
 
 
 def _load_model(model: Any, *, dtype: str | None = None,
