@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -91,8 +93,6 @@ def test_mismatched_params_give_one_readable_diff(tiny_model, tmp_path):
 
 def _hub_cache(root: Path, repo_id: str, model_dir: Path, commit: str = "a" * 40) -> None:
     """The huggingface_hub cache layout: blobs named by sha256, snapshots linking to them."""
-    import hashlib
-
     repo = root / ("models--" + repo_id.replace("/", "--"))
     (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "main").write_text(commit)
@@ -127,8 +127,6 @@ def test_loads_by_repo_id_from_offline_hub_cache(tiny_model_dir, tmp_path):
     revision, digest, n_embed = first.split()
     assert revision == "a" * 40 and n_embed == "64"
     data = (tiny_model_dir / "flax_model.msgpack").read_bytes()
-    import hashlib
-
     assert digest == "sha256:" + hashlib.sha256(data).hexdigest()
     assert error.startswith("ERR CheckpointError")
     assert "test-org/not-cached" in error and "HF_HUB_OFFLINE" in error
@@ -139,6 +137,105 @@ def test_file_digest_hashes_local_files_once(tiny_model_dir):
     file = tiny_model_dir / "model.safetensors"
     first = checkpoints.file_digest(file)
     assert first.startswith("sha256:") and checkpoints.file_digest(file) == first
+
+
+def _hashed_long_ago(monkeypatch) -> None:
+    """Let files written a moment ago enter the digest cache (normally they must be 2 s old)."""
+    monkeypatch.setattr(checkpoints, "_RACY_MARGIN_NS", 0)
+    checkpoints._DIGEST_CACHE.clear()
+    time.sleep(0.05)  # past the file system's timestamp tick
+
+
+def test_file_digest_misses_on_a_replaced_file_with_the_same_size_and_mtime(tmp_path, monkeypatch):
+    file, other = tmp_path / "model.safetensors", tmp_path / "new.tmp"
+    file.write_bytes(b"A" * 1000)
+    _hashed_long_ago(monkeypatch)
+    first = checkpoints.file_digest(file)
+    assert first == "sha256:" + hashlib.sha256(b"A" * 1000).hexdigest()
+    assert len(checkpoints._DIGEST_CACHE) == 1  # cached: the stale hit below was possible
+    stat = file.stat()
+    other.write_bytes(b"B" * 1000)
+    os.utime(other, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    os.replace(other, file)
+    assert (file.stat().st_size, file.stat().st_mtime_ns) == (stat.st_size, stat.st_mtime_ns)
+    assert checkpoints.file_digest(file) == "sha256:" + hashlib.sha256(b"B" * 1000).hexdigest()
+
+
+def test_file_digest_misses_on_an_in_place_rewrite(tmp_path, monkeypatch):
+    file = tmp_path / "flax_model.msgpack"
+    file.write_bytes(b"A" * 1000)
+    _hashed_long_ago(monkeypatch)
+    checkpoints.file_digest(file)
+    stat = file.stat()
+    time.sleep(0.05)
+    with open(file, "r+b") as f:  # same inode, same size
+        f.write(b"C" * 1000)
+    os.utime(file, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # utime cannot restore ctime
+    assert file.stat().st_ino == stat.st_ino and file.stat().st_mtime_ns == stat.st_mtime_ns
+    assert checkpoints.file_digest(file) == "sha256:" + hashlib.sha256(b"C" * 1000).hexdigest()
+
+
+def test_file_digest_does_not_cache_a_file_changed_just_before_hashing(tmp_path):
+    """A rewrite within one timestamp tick keeps the ctime: such files are hashed every time."""
+    checkpoints._DIGEST_CACHE.clear()
+    file = tmp_path / "model.safetensors"
+    for data in (b"A" * 1000, b"D" * 1000):
+        file.write_bytes(data)
+        assert checkpoints.file_digest(file) == "sha256:" + hashlib.sha256(data).hexdigest()
+    assert not checkpoints._DIGEST_CACHE
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "flax_model.msgpack"])
+@pytest.mark.parametrize("damage", ["random", "truncated", "empty"])
+def test_garbage_weight_files_name_the_file_and_format(tiny_model_dir, tmp_path, name, damage):
+    data = (tiny_model_dir / name).read_bytes()
+    blob = {"random": np.random.default_rng(0).bytes(4096), "truncated": data[: len(data) // 2],
+            "empty": b""}[damage]
+    shutil.copy(tiny_model_dir / "config.json", tmp_path)
+    (tmp_path / name).write_bytes(blob)
+    with pytest.raises(CheckpointError) as info:
+        VQModel.from_pretrained(str(tmp_path))
+    message = str(info.value)
+    assert message.startswith(f"{tmp_path / name}: not a readable ")
+    assert ("safetensors" if name.endswith("safetensors") else "msgpack") in message
+
+
+def test_msgpack_of_the_wrong_shape_is_refused(tiny_model, tmp_path):
+    from flax.serialization import msgpack_serialize
+
+    (tmp_path / "config.json").write_text(TINY.to_json_string())
+    (tmp_path / "flax_model.msgpack").write_bytes(msgpack_serialize([1, 2, 3]))
+    with pytest.raises(CheckpointError, match="expected a tree of named arrays, got list"):
+        VQModel.from_pretrained(str(tmp_path))
+    flat = checkpoints._flatten(tiny_model.params)
+    flat[("encoder", "conv_in", "bias")] = "not numbers"
+    (tmp_path / "flax_model.msgpack").write_bytes(msgpack_serialize(checkpoints._unflatten(flat)))
+    with pytest.raises(CheckpointError, match="encoder/conv_in/bias: expected a float array, got str"):
+        VQModel.from_pretrained(str(tmp_path))
+
+
+@pytest.mark.parametrize("fmt,inf", [("safetensors", np.inf), ("msgpack", -np.inf)])
+def test_non_finite_weights_are_refused(tiny_model, tmp_path, fmt, inf):
+    from flax.serialization import msgpack_serialize
+
+    flat = {k: np.array(v) for k, v in checkpoints._flatten(tiny_model.params).items()}
+    flat[("encoder", "mid", "attn_1", "q", "kernel")][0, 0, 1, 2] = np.nan
+    flat[("quantize", "embedding", "embedding")][3] = inf
+    (tmp_path / "config.json").write_text(TINY.to_json_string())
+    if fmt == "safetensors":
+        (tmp_path / "model.safetensors").write_bytes(checkpoints._safetensors_bytes(flat))
+    else:
+        (tmp_path / "flax_model.msgpack").write_bytes(msgpack_serialize(checkpoints._unflatten(flat)))
+    with pytest.raises(CheckpointError) as info:
+        VQModel.from_pretrained(str(tmp_path))
+    message = str(info.value)
+    assert f"{tmp_path / ('model.' + fmt if fmt == 'safetensors' else 'flax_model.msgpack')}: " \
+        "non-finite values (NaN or Inf) in encoder/mid/attn_1/q/kernel and 1 more (2 tensors: " \
+        "encoder/mid/attn_1/q/kernel, quantize/embedding/embedding)" in message
+    # Nor is such a tree written: it could not be read back.
+    with pytest.raises(CheckpointError, match="non-finite"):
+        checkpoints.save(tmp_path / "out", TINY, checkpoints._unflatten(flat))
+    assert not (tmp_path / "out").exists()
 
 
 def test_ckpt_path_is_not_a_repo_id(tmp_path):
@@ -212,6 +309,53 @@ def test_pickled_code_is_refused_without_the_flag(tiny_model, tmp_path, capsys):
     checkpoints.convert_taming_checkpoint(tmp_path / "x.ckpt", tmp_path / "m", TINY,
                                           unsafe_pickle=True)
     assert "side effect" in capsys.readouterr().out
+
+
+class SetattrPayload:
+    """References builtins.setattr, whose name starts with the allowed builtins.set."""
+
+    def __reduce__(self):
+        return (setattr, ([], "append", None))
+
+
+def test_pickle_allow_list_matches_exact_names(tiny_model, tmp_path):
+    import pickle
+
+    torch.save({"state_dict": _taming_state(tiny_model), "evil": SetattrPayload()},
+               tmp_path / "x.ckpt", pickle_module=pickle)
+    with pytest.raises(CheckpointError, match="builtins.setattr"):
+        checkpoints.convert_taming_checkpoint(tmp_path / "x.ckpt", tmp_path / "m", TINY)
+    allowed = checkpoints._is_stubbed
+    assert allowed("builtins.set") and allowed("builtins.frozenset") and allowed("_codecs.encode")
+    assert allowed("pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint")
+    assert allowed("taming.models.vqgan.VQModel") and allowed("numpy.dtype")
+    for name in ("builtins.setattr", "builtins.settrace", "builtins.slice_evil", "tamingx.evil",
+                 "numpy_evil.run", "lightningx.Callback", "_codecs.decode_evil", "os.system"):
+        assert not allowed(name), name
+
+
+def test_taming_conversion_refuses_non_finite_weights(tiny_model, tmp_path):
+    state = _taming_state(tiny_model)
+    state["decoder.conv_out.bias"][1] = float("nan")
+    torch.save(state, tmp_path / "nan.pt")
+    with pytest.raises(CheckpointError, match="non-finite values .NaN or Inf. in decoder/conv_out/bias;"):
+        checkpoints.convert_taming_checkpoint(tmp_path / "nan.pt", tmp_path / "m", TINY)
+    assert not (tmp_path / "m").exists()
+
+
+def test_inferred_config_errors_name_the_checkpoint(tiny_model, tmp_path):
+    state = _taming_state(tiny_model)
+    state["encoder.down.1.block.0.conv1.weight"] = torch.zeros(16, 32, 3, 3)  # ch_mult[1] = 16 // 32
+    torch.save(state, tmp_path / "odd.pt")
+    with pytest.raises(CheckpointError) as info:
+        checkpoints.convert_taming_checkpoint(tmp_path / "odd.pt", tmp_path / "m")
+    message = str(info.value)
+    assert message.startswith(f"{tmp_path / 'odd.pt'}: invalid VQGANConfig: ch_mult[1]: expected an integer >= 1, got 0")
+    assert message.endswith("pass config= (a taming yaml)")
+    del state["encoder.conv_in.weight"]
+    torch.save(state, tmp_path / "odd.pt")
+    with pytest.raises(CheckpointError, match="odd.pt: cannot infer the config: no 'encoder.conv_in.weight'"):
+        checkpoints.convert_taming_checkpoint(tmp_path / "odd.pt", tmp_path / "m")
 
 
 def test_taming_yaml_config(tmp_path):

@@ -14,7 +14,8 @@ import logging
 import os
 import re
 import tempfile
-from collections.abc import Mapping
+import time
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -152,9 +153,11 @@ def load_config(directory: Path, name: str | None = None) -> VQGANConfig:
     if not file.is_file():
         raise CheckpointError(f"{directory}: no {CONFIG_NAME} (expected a model directory)")
     try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{file}: not valid JSON ({err})") from err
+        data = json.loads(file.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{file}: not valid UTF-8 JSON ({err})") from err
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{file}: expected a JSON object, got {type(data).__name__}")
     if "value_range" not in data:
         known = KNOWN_VALUE_RANGES.get(str(name)) if name else None
         if known is None:
@@ -182,20 +185,45 @@ def weights_file(directory: Path) -> Path:
 
 def read_params(file: Path, config: VQGANConfig) -> dict:
     """Read a weights file into a nested dict of float32 numpy arrays, checked against `config`."""
-    if file.name.endswith(".safetensors"):
-        from safetensors.numpy import load_file
+    flat = {k: _upgrade_legacy(k, _as_float32(v, file, k)) for k, v in _read_flat(file).items()}
+    check_params(flat, config, origin=str(file))
+    return _unflatten(flat)
 
-        flat = {tuple(k.split(".")): v for k, v in load_file(str(file)).items()}
-    else:
+
+def _read_flat(file: Path) -> dict[tuple[str, ...], Any]:
+    # Any parse failure of a damaged or foreign file becomes one error naming the file and format;
+    # OSError (permissions, I/O) passes through as the operating system reported it.
+    safetensors = file.name.endswith(".safetensors")
+    try:
+        if safetensors:
+            from safetensors.numpy import load_file
+
+            return {tuple(k.split(".")): v for k, v in load_file(str(file)).items()}
         from flax.serialization import msgpack_restore
 
         tree = msgpack_restore(file.read_bytes())
-        if set(tree) == {"params"}:
-            tree = tree["params"]
-        flat = _flatten(tree)
-    flat = {k: _upgrade_legacy(k, np.asarray(v, dtype=np.float32)) for k, v in flat.items()}
-    check_params(flat, config, origin=str(file))
-    return _unflatten(flat)
+    except OSError:
+        raise
+    except Exception as err:  # noqa: BLE001 - safetensors and msgpack raise many kinds
+        expected = ("safetensors file (expected a JSON header and float tensors)" if safetensors
+                    else "msgpack file (expected flax's serialized parameter tree)")
+        raise CheckpointError(
+            f"{file}: not a readable {expected}; {err.__class__.__name__}: {err}".rstrip(": ")
+        ) from err
+    if isinstance(tree, Mapping) and set(tree) == {"params"}:
+        tree = tree["params"]
+    if not isinstance(tree, Mapping):
+        raise CheckpointError(f"{file}: expected a tree of named arrays, got {type(tree).__name__}")
+    return _flatten(tree)
+
+
+def _as_float32(value: Any, file: Path, key: tuple[str, ...]) -> np.ndarray:
+    try:
+        return np.asarray(value, dtype=np.float32)
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(
+            f"{file}: {'/'.join(key)}: expected a float array, got {type(value).__name__}"
+        ) from err
 
 
 def _upgrade_legacy(key: tuple[str, ...], value: np.ndarray) -> np.ndarray:
@@ -205,14 +233,16 @@ def _upgrade_legacy(key: tuple[str, ...], value: np.ndarray) -> np.ndarray:
     return value
 
 
-def check_params(flat: Mapping[tuple[str, ...], Any], config: VQGANConfig, origin: str) -> None:
-    """Raise one readable diff of missing, unexpected and mis-shaped parameter names."""
+def check_params(flat: Mapping[tuple[str, ...], Any], config: VQGANConfig, origin: str, *,
+                 unexpected: Iterable[str] = ()) -> None:
+    """Raise one readable diff of missing, unexpected and mis-shaped parameter names (plus the
+    names in `unexpected` that a converter could not map), then refuse non-finite values."""
     from .modeling import param_shapes
 
     expected = {k: tuple(v.shape) for k, v in _flatten(param_shapes(config)).items()}
     got = {k: tuple(np.shape(v)) for k, v in flat.items()}
     missing = sorted("/".join(k) for k in expected.keys() - got.keys())
-    unexpected = sorted("/".join(k) for k in got.keys() - expected.keys())
+    unexpected = [*unexpected, *sorted("/".join(k) for k in got.keys() - expected.keys())]
     misshaped = sorted(
         f"{'/'.join(k)}: expected {expected[k]}, got {got[k]}"
         for k in expected.keys() & got.keys()
@@ -220,6 +250,19 @@ def check_params(flat: Mapping[tuple[str, ...], Any], config: VQGANConfig, origi
     )
     if missing or unexpected or misshaped:
         raise CheckpointError(_diff_message(origin, missing, unexpected, misshaped))
+    _check_finite(flat, origin)
+
+
+def _check_finite(flat: Mapping[tuple[str, ...], Any], origin: str) -> None:
+    # NaN/Inf weights load and run, then give the same (garbage) token for every image: refuse
+    # them once, here. One np.isfinite pass per tensor (measured cost in the README).
+    bad = ["/".join(k) for k, v in sorted(flat.items()) if not np.isfinite(v).all()]
+    if bad:
+        raise CheckpointError(
+            f"{origin}: non-finite values (NaN or Inf) in {bad[0]}"
+            + (f" and {len(bad) - 1} more ({len(bad)} tensors: {', '.join(bad[:12])})" if bad[1:] else "")
+            + "; such weights encode every image to the same garbage tokens, so they are refused"
+        )
 
 
 def _diff_message(origin: str, missing, unexpected, misshaped, limit: int = 12) -> str:
@@ -236,8 +279,6 @@ def save(directory: str | os.PathLike, config: VQGANConfig, params: Mapping, *,
     """Write config.json and the weights (both formats by default: vqgan-jax reads the msgpack)."""
     from flax.serialization import msgpack_serialize
 
-    out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
     flat = {k: np.ascontiguousarray(np.asarray(v, dtype=np.float32)) for k, v in _flatten(params).items()}
     check_params(flat, config, origin="save_pretrained")
     writers = {
@@ -247,6 +288,8 @@ def save(directory: str | os.PathLike, config: VQGANConfig, params: Mapping, *,
     unknown = set(formats) - writers.keys()
     if unknown or not formats:
         raise ValueError(f"formats must be a non-empty subset of {sorted(writers)}, got {formats}")
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
     for fmt in formats:
         name, payload = writers[fmt]
         _atomic_write(out / name, payload())
@@ -277,7 +320,18 @@ def _atomic_write(path: Path, data: bytes) -> None:
 # ---------------------------------------------------------------------------------------------
 # Digests: computed once per file (or taken from the Hub cache's content address).
 
-_DIGEST_CACHE: dict[tuple[str, int, int], str] = {}
+# A cached digest is reused only for the same file (device, inode) with the same size, mtime
+# and ctime. Replacing a file (os.replace, as huggingface_hub, save() and most tools do) gives it
+# a new inode; rewriting it in place changes its ctime, which os.utime cannot set back. The
+# kernel stamps ctime at its clock tick, so a rewrite within one tick of an earlier write could
+# keep it: files changed less than _RACY_MARGIN_NS before hashing began are not cached (git's
+# "racy" rule), which also covers coarse or skewed file-system clocks.
+_RACY_MARGIN_NS = 2_000_000_000
+_DIGEST_CACHE: dict[tuple[int, ...], str] = {}
+
+
+def _identity(stat: os.stat_result) -> tuple[int, ...]:
+    return stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns
 
 
 def file_digest(file: Path) -> str:
@@ -285,15 +339,20 @@ def file_digest(file: Path) -> str:
     resolved = file.resolve()
     if re.fullmatch(r"[0-9a-f]{64}", resolved.name) and resolved.parent.name == "blobs":
         return f"sha256:{resolved.name}"
-    stat = resolved.stat()
-    key = (str(resolved), stat.st_size, stat.st_mtime_ns)
-    if key not in _DIGEST_CACHE:
-        sha = hashlib.sha256()
-        with open(resolved, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 24), b""):
-                sha.update(chunk)
-        _DIGEST_CACHE[key] = f"sha256:{sha.hexdigest()}"
-    return _DIGEST_CACHE[key]
+    started = time.time_ns()
+    cached = _DIGEST_CACHE.get(_identity(resolved.stat()))
+    if cached is not None:
+        return cached
+    sha = hashlib.sha256()
+    with open(resolved, "rb") as f:
+        before = _identity(os.fstat(f.fileno()))
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            sha.update(chunk)
+        unchanged = _identity(os.fstat(f.fileno())) == before
+    digest = f"sha256:{sha.hexdigest()}"
+    if unchanged and before[-1] < started - _RACY_MARGIN_NS:
+        _DIGEST_CACHE[before] = digest
+    return digest
 
 
 def params_digest(params: Mapping) -> str:
@@ -311,11 +370,18 @@ def params_digest(params: Mapping) -> str:
 
 # Globals that Lightning checkpoints pickle around the weights (callbacks, hyper-parameters,
 # numpy scalars). They are replaced by inert stand-ins, so nothing from the file is executed.
-_STUBBED_PREFIXES = (
-    "pytorch_lightning.", "lightning.", "lightning_fabric.", "omegaconf.", "numpy.",
-    "pathlib.", "argparse.", "collections.", "typing.", "_codecs.", "builtins.set",
-    "builtins.frozenset", "builtins.slice", "datetime.", "taming.",
-)
+# Matched as whole top-level packages (their class names vary across versions) or exact names;
+# never by string prefix, so "builtins.setattr" or "tamingx.y" are refused.
+_STUBBED_PACKAGES = frozenset({
+    "pytorch_lightning", "lightning", "lightning_fabric", "omegaconf", "numpy", "pathlib",
+    "argparse", "collections", "typing", "datetime", "taming",
+})
+_STUBBED_NAMES = frozenset({"builtins.set", "builtins.frozenset", "builtins.slice", "_codecs.encode"})
+
+
+def _is_stubbed(name: str) -> bool:
+    """Whether the pickled global `module.qualname` may be replaced by an inert stand-in."""
+    return name in _STUBBED_NAMES or name.split(".", 1)[0] in _STUBBED_PACKAGES
 
 
 class _Inert:
@@ -371,7 +437,7 @@ def _load_weights_only(torch, path: str):
         unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
     except Exception:  # noqa: BLE001 - legacy (non-zip) files: let torch.load report it
         unsafe = []
-    refused = [g for g in unsafe if not g.startswith(_STUBBED_PREFIXES)]
+    refused = [g for g in unsafe if not _is_stubbed(g)]
     if refused:
         raise CheckpointError(
             f"{path}: the pickle references {refused}, which a weights-only load will not "
@@ -395,9 +461,6 @@ _IGNORED_TAMING_PREFIXES = ("loss.", "discriminator.", "perceptual_loss.")
 
 def taming_to_flax(state: Mapping[str, np.ndarray], config: VQGANConfig, origin: str) -> dict:
     """Rename and transpose a taming VQModel state_dict into vqgan-jax's parameter tree."""
-    from .modeling import param_shapes
-
-    expected = {k: tuple(v.shape) for k, v in _flatten(param_shapes(config)).items()}
     flat: dict[tuple[str, ...], np.ndarray] = {}
     unexpected = []
     for key, value in state.items():
@@ -420,16 +483,7 @@ def taming_to_flax(state: Mapping[str, np.ndarray], config: VQGANConfig, origin:
             flat[(*path, "scale")] = value
         else:
             unexpected.append(key)
-    got = {k: v.shape for k, v in flat.items()}
-    missing = sorted("/".join(k) for k in expected.keys() - got.keys())
-    unexpected += sorted("/".join(k) for k in got.keys() - expected.keys())
-    misshaped = sorted(
-        f"{'/'.join(k)}: expected {expected[k]}, got {got[k]}"
-        for k in expected.keys() & got.keys()
-        if expected[k] != got[k]
-    )
-    if missing or unexpected or misshaped:
-        raise CheckpointError(_diff_message(origin, missing, unexpected, misshaped))
+    check_params(flat, config, origin, unexpected=unexpected)
     return _unflatten(flat)
 
 
@@ -482,7 +536,10 @@ def convert_taming_checkpoint(
     """
     state = load_taming_state_dict(ckpt_path, unsafe_pickle=unsafe_pickle)
     if config is None:
-        config = infer_taming_config(state)
+        try:
+            config = infer_taming_config(state)
+        except (TypeError, ValueError) as err:
+            raise CheckpointError(f"{os.fspath(ckpt_path)}: {err}; pass config= (a taming yaml)") from err
     elif not isinstance(config, VQGANConfig):
         config = VQGANConfig.from_taming_yaml(config)
     config = config.replace(value_range=tuple(value_range))

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
+
+import numpy as np
 
 # Keys that vqgan-jax's config.json carries for `transformers` and that mean nothing to the model.
 _IGNORED_KEYS = frozenset(
@@ -53,29 +57,7 @@ class VQGANConfig:
     norm_groups: int = 32
 
     def __post_init__(self) -> None:
-        for name in ("ch_mult", "attn_resolutions", "value_range"):
-            object.__setattr__(self, name, tuple(getattr(self, name)))
-        object.__setattr__(self, "value_range", tuple(float(v) for v in self.value_range))
-        problems = []
-        widths = [self.ch * m for m in self.ch_mult] + [self.ch]
-        if any(w % self.norm_groups for w in widths):
-            problems.append(
-                f"every ch*ch_mult ({widths}) must be divisible by norm_groups={self.norm_groups}"
-            )
-        if not self.ch_mult:
-            problems.append("ch_mult must name at least one level")
-        if self.resolution % self.downsample_factor:
-            problems.append(
-                f"resolution {self.resolution} is not divisible by the downsample factor "
-                f"{self.downsample_factor}"
-            )
-        low, high = self.value_range if len(self.value_range) == 2 else (0.0, 0.0)
-        if not low < high:
-            problems.append(f"value_range must be (low, high) with low < high, got {self.value_range}")
-        if self.n_embed < 1 or self.embed_dim < 1:
-            problems.append("n_embed and embed_dim must be positive")
-        if problems:
-            raise ValueError("invalid VQGANConfig: " + "; ".join(problems))
+        _validate(self)
 
     @property
     def num_resolutions(self) -> int:
@@ -132,8 +114,10 @@ class VQGANConfig:
 
     @classmethod
     def from_json_file(cls, path: str | os.PathLike) -> VQGANConfig:
+        """Read a config.json; errors name the file and the field."""
         with open(path, encoding="utf-8") as f:
-            return cls.from_dict(json.load(f))
+            data = json.load(f)
+        return _from_file(path, data)
 
     def to_json_string(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
@@ -153,7 +137,7 @@ class VQGANConfig:
             if key in params:
                 data[key] = params[key]
         data.update(overrides)
-        return cls.from_dict(data)
+        return _from_file(path, data)
 
     def replace(self, **changes: Any) -> VQGANConfig:
         return dataclasses.replace(self, **changes)
@@ -163,7 +147,122 @@ def _parse_value_range(text: str) -> tuple[float, float]:
     cleaned = text.strip().strip("[]()").replace(" ", "")
     if cleaned in VALUE_RANGES:
         return VALUE_RANGES[cleaned]
-    raise ValueError(f"unknown value_range {text!r}; use one of {sorted(VALUE_RANGES)} or [low, high]")
+    raise ValueError(
+        f"{_PREFIX}unknown value_range {text!r}; use one of {sorted(VALUE_RANGES)} or [low, high]"
+    )
+
+
+def _from_file(path: str | os.PathLike, data: Any) -> VQGANConfig:
+    """`VQGANConfig.from_dict(data)`, with the file's name in front of any error's message."""
+    if not isinstance(data, Mapping):
+        raise ValueError(f"{os.fspath(path)}: expected a mapping of config fields, got {type(data).__name__}")
+    try:
+        return VQGANConfig.from_dict(data)
+    except (TypeError, ValueError) as err:
+        kind = TypeError if isinstance(err, TypeError) else ValueError
+        raise kind(f"{os.fspath(path)}: {err}") from err
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation: run once per config (in __post_init__), so that a bad config.json fails here with
+# the field's name instead of deep inside the model (ZeroDivisionError, TypeError, XLA errors).
+
+_PREFIX = "invalid VQGANConfig: "
+# Integer fields and their smallest valid value (taming builds a working model with 0 res blocks).
+_INT_MINIMUM = {
+    "ch": 1, "out_ch": 1, "in_channels": 1, "num_res_blocks": 0, "resolution": 1,
+    "z_channels": 1, "embed_dim": 1, "n_embed": 1, "norm_groups": 1,
+}
+_BOOL_FIELDS = ("double_z", "resamp_with_conv", "give_pre_end")
+
+
+def _shown(value: Any) -> str:
+    return f"{value!r} ({type(value).__name__})"
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _validate(config: VQGANConfig) -> None:
+    """Normalise sequences and numpy scalars to plain tuples and ints; raise TypeError for wrong
+    types (all of them, alone), else ValueError for every out-of-range value, each by field name."""
+    wrong: list[str] = []
+    values: dict[str, Any] = {}
+    for name, minimum in _INT_MINIMUM.items():
+        value = getattr(config, name)
+        if _is_int(value):
+            values[name] = int(value)
+        else:
+            wrong.append(f"{name}: expected an integer >= {minimum}, got {_shown(value)}")
+    for name in ("ch_mult", "attn_resolutions"):
+        value = getattr(config, name)
+        if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Iterable):
+            wrong.append(f"{name}: expected a list of integers >= 1, got {_shown(value)}")
+            continue
+        items = list(value)
+        bad = [f"{name}[{i}]: expected an integer >= 1, got {_shown(v)}"
+               for i, v in enumerate(items) if not _is_int(v)]
+        wrong += bad
+        if not bad:
+            values[name] = tuple(int(v) for v in items)
+    value_range = config.value_range
+    if isinstance(value_range, Iterable) and not isinstance(value_range, (str, bytes, Mapping)):
+        value_range = tuple(value_range)
+        if all(_is_real(v) for v in value_range):
+            values["value_range"] = tuple(float(v) for v in value_range)
+    if "value_range" not in values:
+        wrong.append(f"value_range: expected two numbers [low, high], got {_shown(config.value_range)}")
+    if not _is_real(config.dropout):
+        wrong.append(f"dropout: expected a number in [0, 1), got {_shown(config.dropout)}")
+    wrong += [f"{name}: expected true or false, got {_shown(getattr(config, name))}"
+              for name in _BOOL_FIELDS if not isinstance(getattr(config, name), (bool, np.bool_))]
+    if wrong:
+        raise TypeError(_PREFIX + "; ".join(wrong))
+    for name, value in values.items():
+        object.__setattr__(config, name, value)
+    for name in _BOOL_FIELDS:
+        object.__setattr__(config, name, bool(getattr(config, name)))
+    problems = _value_problems(config)
+    if problems:
+        raise ValueError(_PREFIX + "; ".join(problems))
+
+
+def _value_problems(config: VQGANConfig) -> list[str]:
+    problems = [
+        f"{name}: expected an integer >= {minimum}, got {getattr(config, name)}"
+        for name, minimum in _INT_MINIMUM.items() if getattr(config, name) < minimum
+    ]
+    if not config.ch_mult:
+        problems.append("ch_mult: expected at least one level, got []")
+    for name in ("ch_mult", "attn_resolutions"):
+        problems += [f"{name}[{i}]: expected an integer >= 1, got {v}"
+                     for i, v in enumerate(getattr(config, name)) if v < 1]
+    low, high = config.value_range if len(config.value_range) == 2 else (0.0, 0.0)
+    if not all(math.isfinite(v) for v in config.value_range):
+        problems.append(f"value_range: expected finite numbers, got {list(config.value_range)}")
+    elif not low < high:
+        problems.append(
+            f"value_range: expected [low, high] with low < high, got {list(config.value_range)}"
+        )
+    if not 0 <= config.dropout < 1:
+        problems.append(f"dropout: expected a number in [0, 1), got {config.dropout}")
+    widths = [config.ch * m for m in config.ch_mult] + [config.ch]
+    if config.norm_groups >= 1 and any(w % config.norm_groups for w in widths):
+        problems.append(
+            f"ch, ch_mult: every channel width ch*ch_mult ({sorted(set(widths))}) must be "
+            f"divisible by norm_groups={config.norm_groups}"
+        )
+    if config.ch_mult and config.resolution % config.downsample_factor:
+        problems.append(
+            f"resolution: {config.resolution} is not divisible by the downsample factor "
+            f"{config.downsample_factor} (2 ** (len(ch_mult) - 1))"
+        )
+    return problems
 
 
 def f16_16384() -> VQGANConfig:
