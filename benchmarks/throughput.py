@@ -19,6 +19,10 @@ Timings are medians over `--repeats` calls after one warm-up call. On CPU the va
 round-robin (one call each, in turn), so that a busy machine slows them alike; compare ratios
 from the same run. Inputs and outputs stay on the device; transfers are not timed.
 
+This is the long, thorough run: it compiles every variant and, with --max-batch-probe, probes
+batch sizes before it prints a table (over 4 minutes on an H200). For the short GPU check that
+prints each row as soon as it is measured, use benchmarks/gpu_check.py.
+
     python benchmarks/throughput.py                        # CPU defaults: batches 1,2; repeats 2
     python benchmarks/throughput.py --batches 32,64,128,256 --max-batch-probe 2048 --json gpu.json
     python benchmarks/throughput.py --skip-torch --dtypes bfloat16 --only encode
@@ -60,6 +64,7 @@ TORCH_MODE_NAMES = {
     "fp32-cl": "taming fp32 eager channels_last",
     "tf32": "taming tf32 eager",
     "bf16": "taming bf16 autocast",
+    "bf16-cl": "taming bf16 autocast channels_last",
     "compile-bf16-cl": "taming bf16 compile channels_last",
 }
 DECODE_KEEP = 8  # decoded images kept per row for the pixel comparison
@@ -258,7 +263,7 @@ class TorchVariant:
     def _fn(self, op: str) -> Callable:
         torch = self.torch
         base = self.model.encode if op == "encode" else self.model.decode
-        if self.mode in ("bf16", "compile-bf16-cl"):
+        if self.mode in ("bf16", "bf16-cl", "compile-bf16-cl"):
             def fn(x, base=base):
                 with torch.autocast(self.device.type, dtype=torch.bfloat16):
                     return base(x)

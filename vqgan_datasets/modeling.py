@@ -3,13 +3,21 @@
 Parameter names follow vqgan-jax's tree exactly (`encoder/down_0/block_0/norm1/scale`, ...), so
 its `flax_model.msgpack` files load unchanged. Layout is NHWC. Pixel values go in and come out in
 the checkpoint's own range (no hidden scaling); `VQModel`'s uint8 helpers apply the range.
+
+Three layers have one formulation per backend, picked while lowering in `_per_backend` (a CPU
+program holds only the CPU branch, a GPU/TPU program only the accelerator branch): GroupNorm
+(CPU: two-pass statistics with the preceding conv's bias folded in; accelerators: one pass,
+output in the compute dtype), nearest-neighbour upsampling (CPU: phase kernels; accelerators:
+nearest x2 then the 3x3 conv) and the quantizer (CPU: one float32 matmul at "highest";
+accelerators: a bfloat16 pass for candidates, then exact float32 rescoring).
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -24,6 +32,21 @@ Dtype = Any
 # taming's Normalize: GroupNorm(32, eps=1e-6, affine). The two-pass variance matches PyTorch's
 # to ~1e-6 on offset activations; the fast E[x²]-E[x]² variant drifts by ~1e-5 (see NOTES.md).
 _GROUP_NORM_EPS = 1e-6
+# Quantizer candidates rescored exactly per position on accelerators (XLA's GPU TopK kernel
+# takes k <= 16). The bfloat16 pass ranks the true nearest code first for all but a few % of
+# positions (2.4% on a trained model's latents of real photos) and never below third in what we
+# measured, so 8 leaves a wide margin (BENCHMARKS.md).
+_CANDIDATES = 8
+
+
+def _per_backend(cpu: Callable[..., Any], accelerator: Callable[..., Any], *args: Any) -> Any:
+    """`cpu(*args)` in programs lowered for CPU, `accelerator(*args)` for GPU/TPU.
+
+    The one place where the formulation depends on the backend. The choice is made while
+    lowering (`platform_dependent`), so each compiled program holds one branch only, and jit,
+    pmap, grad and `jax.export` for another platform all see the right one.
+    """
+    return jax.lax.platform_dependent(*args, cpu=cpu, default=accelerator)
 
 
 def _conv_params(module: nn.Module, in_features: int, features: int, size: int):
@@ -69,48 +92,98 @@ def _conv(features: int, kernel: int, name: str, dtype: Dtype, stride: int = 1, 
     return Conv(features, kernel, stride=stride, padding=pad, dtype=dtype, name=name)
 
 
+def group_norm_cpu(x: jax.Array, scale: jax.Array, bias: jax.Array, offset: jax.Array | None = None,
+                   *, num_groups: int, epsilon: float, dtype: Dtype) -> jax.Array:
+    """GroupNorm of `x + offset` for CPU: float32 two-pass moments, `offset` folded in.
+
+    Per-channel two-pass moments merged into group moments (Chan et al.), reducing over the
+    spatial axes with C contiguous: as accurate as PyTorch's GroupNorm against a float64
+    reference and ~1.5x faster on CPU than a [B,H*W,G,C/G] reduction. `offset` [C] (a preceding
+    conv's bias) shifts the channel means and leaves the centred moments alone, so x + offset is
+    never written out.
+    """
+    batch, channels = x.shape[0], x.shape[-1]
+    per_group = channels // num_groups
+    axes = tuple(range(1, x.ndim - 1))
+    expand = (slice(None),) + (None,) * len(axes) + (slice(None),)  # [B,C] → [B,1..,C]
+    x = x.astype(jnp.float32)
+    count = math.prod(x.shape[a] for a in axes)
+    mean_c = jnp.mean(x, axis=axes)  # [B,C], of x (without offset)
+    m2_c = jnp.sum(jnp.square(x - mean_c[expand]), axis=axes)  # [B,C]
+    if offset is not None:
+        offset = offset.astype(jnp.float32)
+        mean_c = mean_c + offset
+    grouped = mean_c.reshape(batch, num_groups, per_group)
+    mean_g = jnp.mean(grouped, axis=-1)  # [B,G]
+    spread = jnp.sum(jnp.square(grouped - mean_g[..., None]), axis=-1)
+    var_g = (m2_c.reshape(grouped.shape).sum(-1) + count * spread) / (count * per_group)
+    gain = jnp.repeat(jax.lax.rsqrt(var_g + epsilon), per_group, axis=1) * scale  # [B,C]
+    shift = bias - jnp.repeat(mean_g, per_group, axis=1) * gain
+    if offset is not None:
+        shift = shift + offset * gain
+    return (x * gain[expand] + shift[expand]).astype(dtype)
+
+
+def group_norm_accelerator(x: jax.Array, scale: jax.Array, bias: jax.Array,
+                           offset: jax.Array | None = None, *, num_groups: int, epsilon: float,
+                           dtype: Dtype) -> jax.Array:
+    """GroupNorm of `x + offset` for GPU/TPU: one read of x, output in the compute dtype.
+
+    `offset` is added in x's dtype first (as the seed's conv adds its bias; XLA can fuse it with
+    the conv). Sums of x - s and (x - s)² in one pass, float32, with s the group's mean at the
+    first position: shifting by a value near the mean keeps E[x²]-E[x]² from cancelling on
+    offset activations (as accurate as `group_norm_cpu` against float64, tests/test_modeling.py).
+    """
+    if offset is not None:
+        x = x + offset.astype(x.dtype)
+    batch, channels = x.shape[0], x.shape[-1]
+    per_group = channels // num_groups
+    flat = x.astype(jnp.float32).reshape(batch, -1, channels)  # [B,HW,C], C contiguous
+
+    def per_channel_to_group(values: jax.Array) -> jax.Array:  # [B,C] → [B,C/G summed]
+        return values.reshape(batch, num_groups, per_group).sum(-1)
+
+    def group_to_channel(values: jax.Array) -> jax.Array:  # [B,G] → [B,C]
+        return jnp.repeat(values, per_group, axis=1)
+
+    shift = per_channel_to_group(flat[:, 0]) / per_group  # [B,G]
+    centred = flat - group_to_channel(shift)[:, None, :]
+    count = flat.shape[1] * per_group
+    # Two column reductions over H·W that XLA fuses into one read of x, then tiny group sums.
+    mean_shifted = per_channel_to_group(jnp.sum(centred, axis=1)) / count  # [B,G]
+    var = jnp.maximum(per_channel_to_group(jnp.sum(jnp.square(centred), axis=1)) / count
+                      - jnp.square(mean_shifted), 0.0)
+    gain = group_to_channel(jax.lax.rsqrt(var + epsilon)) * scale  # [B,C]
+    out_shift = bias - group_to_channel(shift + mean_shifted) * gain
+    out = flat * gain[:, None, :] + out_shift[:, None, :]
+    return out.astype(dtype).reshape(x.shape)
+
+
 class GroupNorm(nn.Module):
     """taming's Normalize: GroupNorm with affine `scale`/`bias` [C] (Flax GroupNorm's names).
 
-    Statistics in float32 whatever the compute dtype, from per-channel two-pass moments merged
-    into group moments (Chan et al.), reducing over the spatial axes with C contiguous. Against
-    a float64 reference this is as accurate as PyTorch's GroupNorm (Flax's reduction over a
-    [B,H*W,G,C/G] view drifted ~10x more on offset activations) and on CPU ~1.5x faster.
-    `offset` [C] normalises x + offset without materialising it (a preceding conv's bias: it
-    shifts the channel means and leaves the centred moments alone). Returns float32.
+    Statistics in float32 whatever the compute dtype; returns the compute dtype. `offset` [C]
+    normalises x + offset (a preceding conv's bias). Formulation per backend: `group_norm_cpu`
+    or `group_norm_accelerator`.
     """
 
     num_groups: int = 32
     epsilon: float = _GROUP_NORM_EPS
+    dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, offset: jax.Array | None = None) -> jax.Array:
-        batch, channels = x.shape[0], x.shape[-1]
+        channels = x.shape[-1]
         scale = self.param("scale", nn.initializers.ones, (channels,), jnp.float32)
         bias = self.param("bias", nn.initializers.zeros, (channels,), jnp.float32)
-        per_group = channels // self.num_groups
-        axes = tuple(range(1, x.ndim - 1))
-        expand = (slice(None),) + (None,) * len(axes) + (slice(None),)  # [B,C] → [B,1..,C]
-        x = x.astype(jnp.float32)
-        count = math.prod(x.shape[a] for a in axes)
-        mean_c = jnp.mean(x, axis=axes)  # [B,C], of x (without offset)
-        m2_c = jnp.sum(jnp.square(x - mean_c[expand]), axis=axes)  # [B,C]
-        if offset is not None:
-            offset = offset.astype(jnp.float32)
-            mean_c = mean_c + offset
-        grouped = mean_c.reshape(batch, self.num_groups, per_group)
-        mean_g = jnp.mean(grouped, axis=-1)  # [B,G]
-        spread = jnp.sum(jnp.square(grouped - mean_g[..., None]), axis=-1)
-        var_g = (m2_c.reshape(grouped.shape).sum(-1) + count * spread) / (count * per_group)
-        gain = jnp.repeat(jax.lax.rsqrt(var_g + self.epsilon), per_group, axis=1) * scale  # [B,C]
-        shift = bias - jnp.repeat(mean_g, per_group, axis=1) * gain
-        if offset is not None:
-            shift = shift + offset * gain
-        return x * gain[expand] + shift[expand]
+        static = dict(num_groups=self.num_groups, epsilon=self.epsilon, dtype=self.dtype)
+        args = (x, scale, bias) if offset is None else (x, scale, bias, offset)
+        return _per_backend(functools.partial(group_norm_cpu, **static),
+                            functools.partial(group_norm_accelerator, **static), *args)
 
 
-def _norm(name: str, groups: int) -> GroupNorm:
-    return GroupNorm(num_groups=groups, name=name)
+def _norm(name: str, groups: int, dtype: Dtype) -> GroupNorm:
+    return GroupNorm(num_groups=groups, dtype=dtype, name=name)
 
 
 class ResnetBlock(nn.Module):
@@ -124,9 +197,9 @@ class ResnetBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
-        h = nn.swish(_norm("norm1", self.norm_groups)(x).astype(self.dtype))
+        h = nn.swish(_norm("norm1", self.norm_groups, self.dtype)(x))
         h, conv1_bias = _conv(self.out_channels, 3, "conv1", self.dtype)(h, add_bias=False)
-        h = nn.swish(_norm("norm2", self.norm_groups)(h, offset=conv1_bias).astype(self.dtype))
+        h = nn.swish(_norm("norm2", self.norm_groups, self.dtype)(h, offset=conv1_bias))
         h = nn.Dropout(self.dropout)(h, deterministic=deterministic)
         h = _conv(self.out_channels, 3, "conv2", self.dtype)(h)
         if x.shape[-1] != self.out_channels:
@@ -146,7 +219,7 @@ class AttnBlock(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         batch, height, width, channels = x.shape
-        h = _norm("norm", self.norm_groups)(x).astype(self.dtype)
+        h = _norm("norm", self.norm_groups, self.dtype)(x)
         q = _conv(channels, 1, "q", self.dtype)(h).reshape(batch, height * width, channels)
         k = _conv(channels, 1, "k", self.dtype)(h).reshape(batch, height * width, channels)
         v = _conv(channels, 1, "v", self.dtype)(h).reshape(batch, height * width, channels)
@@ -200,13 +273,57 @@ def _phase_kernels(kernel: jax.Array) -> jax.Array:
     return jnp.concatenate(phases, axis=-1)
 
 
-class Upsample(nn.Module):
-    """Nearest-neighbour ×2, then a 3×3 conv.
+def _nearest_x2(x: jax.Array) -> jax.Array:
+    batch, height, width, channels = x.shape
+    x = jnp.broadcast_to(x[:, :, None, :, None, :], (batch, height, 2, width, 2, channels))
+    return x.reshape(batch, 2 * height, 2 * width, channels)
 
-    Computed without materialising the upsampled map: one 2×2 conv on the input (padded by one)
-    gives all four output phases (see `_phase_kernels`), 4/9 of the multiply-adds of the 3×3 conv
-    at the doubled resolution; then the phases are interleaved. Equal to taming's upsample-then-
-    conv up to float rounding (the kernel taps are summed first); `conv/kernel` keeps its shape.
+
+def upsample_cpu(x: jax.Array, kernel: jax.Array, bias: jax.Array, *, dtype: Dtype) -> jax.Array:
+    """Nearest ×2 then a 3×3 conv, for CPU, without materialising the upsampled map.
+
+    One 2×2 conv on the input (padded by one) gives all four output phases (`_phase_kernels`),
+    4/9 of the multiply-adds of the 3×3 conv at the doubled resolution; then the phases are
+    interleaved. Equal to upsample-then-conv up to float rounding (kernel taps summed first).
+    """
+    batch, height, width, channels = x.shape
+    y = jax.lax.conv_general_dilated(
+        x.astype(dtype),
+        _phase_kernels(kernel).astype(dtype),
+        window_strides=(1, 1),
+        padding=((1, 1), (1, 1)),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    )  # [B,H+1,W+1,4·C]: phase (a,b) of output (2i+a, 2j+b) sits at (i+a, j+b)
+    phases = [
+        y[:, a : a + height, b : b + width, p * channels : (p + 1) * channels]
+        for p, (a, b) in enumerate(((0, 0), (0, 1), (1, 0), (1, 1)))
+    ]
+    y = jnp.stack(phases, axis=3).reshape(batch, height, width, 2, 2, channels)
+    y = y.transpose(0, 1, 3, 2, 4, 5).reshape(batch, 2 * height, 2 * width, channels)
+    return y + bias.astype(dtype)
+
+
+def upsample_accelerator(x: jax.Array, kernel: jax.Array, bias: jax.Array, *,
+                         dtype: Dtype) -> jax.Array:
+    """Nearest ×2 then a 3×3 "same" conv, as taming and the seed's Flax modules write it.
+
+    The phase form saves multiply-adds, which bound CPUs, but adds an interleaving pass over
+    memory; on GPUs this is the seed's form at the seed's speed (benchmarks/gpu_check.py).
+    """
+    y = jax.lax.conv_general_dilated(
+        _nearest_x2(x.astype(dtype)),
+        kernel.astype(dtype),
+        window_strides=(1, 1),
+        padding=((1, 1), (1, 1)),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    )
+    return y + bias.astype(dtype)
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour ×2, then a 3×3 conv (`conv/kernel`, `conv/bias`, as taming's).
+
+    Formulation per backend: `upsample_cpu` (phase kernels) or `upsample_accelerator`.
     """
 
     with_conv: bool = True
@@ -214,25 +331,13 @@ class Upsample(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        batch, height, width, channels = x.shape
         if not self.with_conv:
-            x = jnp.broadcast_to(x[:, :, None, :, None, :], (batch, height, 2, width, 2, channels))
-            return x.reshape(batch, 2 * height, 2 * width, channels)
+            return _nearest_x2(x)
+        channels = x.shape[-1]
         kernel, bias = ConvWeights(channels, 3, channels, name="conv")()
-        y = jax.lax.conv_general_dilated(
-            x.astype(self.dtype),
-            _phase_kernels(kernel).astype(self.dtype),
-            window_strides=(1, 1),
-            padding=((1, 1), (1, 1)),
-            dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        )  # [B,H+1,W+1,4·C]: phase (a,b) of output (2i+a, 2j+b) sits at (i+a, j+b)
-        phases = [
-            y[:, a : a + height, b : b + width, p * channels : (p + 1) * channels]
-            for p, (a, b) in enumerate(((0, 0), (0, 1), (1, 0), (1, 1)))
-        ]
-        y = jnp.stack(phases, axis=3).reshape(batch, height, width, 2, 2, channels)
-        y = y.transpose(0, 1, 3, 2, 4, 5).reshape(batch, 2 * height, 2 * width, channels)
-        return y + bias.astype(self.dtype)
+        return _per_backend(functools.partial(upsample_cpu, dtype=self.dtype),
+                            functools.partial(upsample_accelerator, dtype=self.dtype),
+                            x, kernel, bias)
 
 
 class Level(nn.Module):
@@ -313,7 +418,7 @@ class Encoder(nn.Module):
         x = MidBlock(x.shape[-1], self.norm_groups, self.dropout, self.dtype, name="mid")(
             x, deterministic
         )
-        x = nn.swish(_norm("norm_out", self.norm_groups)(x).astype(self.dtype))
+        x = nn.swish(_norm("norm_out", self.norm_groups, self.dtype)(x))
         out = 2 * self.z_channels if self.double_z else self.z_channels
         return _conv(out, 3, "conv_out", self.dtype)(x)
 
@@ -352,15 +457,24 @@ class Decoder(nn.Module):
                 res *= 2
         if self.give_pre_end:
             return x
-        x = nn.swish(_norm("norm_out", self.norm_groups)(x).astype(self.dtype))
+        x = nn.swish(_norm("norm_out", self.norm_groups, self.dtype)(x))
         return _conv(self.out_channels, 3, "conv_out", self.dtype)(x)
 
 
 def nearest_codes(z: jax.Array, codebook: jax.Array) -> jax.Array:
-    """Index of the nearest codebook row for each row of z: argmin |z|²+|e|²−2z·e (taming's form).
+    """Index of the nearest codebook row (squared Euclidean) for each row of z [N,D], int32 [N].
 
-    One [N,D]×[D,K] matmul; never a broadcast of N×K×D. Always float32 at "highest" precision,
-    since near-ties flip under TF32/bf16 and the cost is ~1.5% of the encoder's FLOPs.
+    The exact float32 argmin on every backend (ties to the lowest index, as argmin): on CPU by
+    `nearest_codes_exact`, on GPU/TPU by `nearest_codes_rescored` at the cost of a bfloat16
+    matmul.
+    """
+    return _per_backend(nearest_codes_exact, nearest_codes_rescored, z, codebook)
+
+
+def nearest_codes_exact(z: jax.Array, codebook: jax.Array) -> jax.Array:
+    """argmin |z|²+|e|²−2z·e (taming's form), one [N,D]×[D,K] float32 matmul at "highest".
+
+    Near-ties flip under TF32/bfloat16, hence "highest"; on CPU that is native float32 anyway.
     """
     z = z.astype(jnp.float32)
     codebook = codebook.astype(jnp.float32)
@@ -369,6 +483,28 @@ def nearest_codes(z: jax.Array, codebook: jax.Array) -> jax.Array:
         jnp.sum(z**2, axis=1, keepdims=True) + jnp.sum(codebook**2, axis=1)[None, :] - 2 * dots
     )
     return jnp.argmin(distance, axis=1).astype(jnp.int32)
+
+
+def nearest_codes_rescored(z: jax.Array, codebook: jax.Array,
+                           candidates: int = _CANDIDATES) -> jax.Array:
+    """The exact nearest code at the cost of a bfloat16 matmul (for GPU/TPU).
+
+    z·e - |e|²/2 from bfloat16 inputs (float32 accumulation) ranks the codes; the best
+    `candidates` per row are rescored with exact float32 squared distances |z - e|² (elementwise,
+    no cancellation), and the smallest wins, ties to the lowest index. Only a code that the fast
+    pass ranks below `candidates` others can be missed, which needs that many codes within the
+    fast pass's error (~2^-8 |z||e|) of the nearest one.
+    """
+    z = z.astype(jnp.float32)
+    codebook = codebook.astype(jnp.float32)
+    size = codebook.shape[0]
+    half_norms = 0.5 * jnp.sum(jnp.square(codebook), axis=1)
+    scores = jnp.dot(z.astype(jnp.bfloat16), codebook.astype(jnp.bfloat16).T,
+                     preferred_element_type=jnp.float32) - half_norms
+    _, chosen = jax.lax.top_k(scores, min(candidates, size))  # [N,k]
+    distance = jnp.sum(jnp.square(z[:, None, :] - codebook[chosen]), axis=-1)  # [N,k]
+    best = jnp.min(distance, axis=1, keepdims=True)
+    return jnp.min(jnp.where(distance == best, chosen, size), axis=1).astype(jnp.int32)
 
 
 class VectorQuantizer(nn.Module):
@@ -595,6 +731,8 @@ class VQModel:
         self._encode_images = jax.jit(functools.partial(encode_uint8, self.module,
                                                         config.value_range))
         self._decode_images: dict[tuple[int, int] | None, Any] = {}
+        self._warned_pixels = False  # encode's out-of-range warning, once per model
+        self._checked_values = False
 
     # -- loading and saving -------------------------------------------------------------------
 
@@ -668,7 +806,13 @@ class VQModel:
     # -- vqgan-jax's surface ----------------------------------------------------------------
 
     def encode(self, pixel_values, params: dict | None = None, dropout_rng=None, train: bool = False):
-        """pixel_values [B,H,W,C] in the model's range → (quant_states [B,h,w,D], indices [B,h*w])."""
+        """pixel_values [B,H,W,C] in the model's range → (quant_states [B,h,w,D], indices [B,h*w]).
+
+        Scales nothing (as vqgan-jax): integer pixels, or floats far outside `config.value_range`,
+        get one warning per model that points to `encode_images`.
+        """
+        if not self._warned_pixels:
+            self._check_pixels(pixel_values)
         return self._encode(self._params(params), jnp.asarray(pixel_values))
 
     def decode(self, hidden_states, params: dict | None = None, dropout_rng=None,
@@ -713,9 +857,64 @@ class VQModel:
     def _params(self, params: dict | None) -> dict:
         return self.params if params is None else params
 
+    def _check_pixels(self, pixels: Any) -> None:
+        """Warn (once per model) when `encode` gets what looks like uint8 images, not model-range
+        floats. The dtype is checked on every call, tracers included; the values of numpy inputs
+        on every call from a strided sample, those of a jax array on the first call only (reading
+        them back waits for the device)."""
+        first, self._checked_values = not self._checked_values, True
+        problem = _pixel_problem(pixels, self.config.value_range, device_values=first)
+        if problem is None:
+            return
+        self._warned_pixels = True
+        low, high = self.config.value_range
+        scaled = f"pixels / {255 / (high - low):g}" + (f" {'-' if low < 0 else '+'} {abs(low):g}"
+                                                      if low else "")
+        warnings.warn(
+            f"VQModel.encode got {problem}, but this model expects float pixels in its value range "
+            f"[{low:g}, {high:g}] (config.value_range) and scales nothing, as vqgan-jax did. For "
+            f"uint8 images use encode_images(), which applies the range, or pass {scaled}.",
+            UserWarning,
+            stacklevel=3,
+        )
+
     def __repr__(self) -> str:
         return (f"VQModel({self.name or 'in-memory'}, codebook={self.config.n_embed}, "
                 f"f={self.config.downsample_factor}, dtype={self.dtype.name})")
+
+
+_PIXEL_SAMPLE = 65_536  # values read per input to check its range
+
+
+def _pixel_problem(pixels: Any, value_range: tuple[float, float], *,
+                   device_values: bool) -> str | None:
+    """What is wrong with `encode`'s input for a model of `value_range`, or None.
+
+    Integer dtypes always; floats when a strided sample reaches beyond the range by more than its
+    width (0-255 pixels for a [-1, 1] or [0, 1] model). Values of tracers are never read, those of
+    jax arrays only if `device_values`.
+    """
+    dtype = getattr(pixels, "dtype", None)
+    if dtype is None:  # lists and scalars
+        pixels = np.asarray(pixels)
+        dtype = pixels.dtype
+    if jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.bool_):
+        return f"{jnp.dtype(dtype).name} pixels"
+    if isinstance(pixels, jax.core.Tracer) or not jnp.issubdtype(dtype, jnp.floating):
+        return None
+    if isinstance(pixels, jax.Array) and not (device_values and pixels.is_fully_addressable):
+        return None
+    flat = pixels.reshape(-1)
+    sample = np.asarray(flat[:: max(1, flat.size // _PIXEL_SAMPLE)], dtype=np.float32)
+    sample = sample[~np.isnan(sample)]
+    if sample.size == 0:
+        return None
+    low, high = value_range
+    width = high - low
+    seen_low, seen_high = float(sample.min()), float(sample.max())
+    if seen_high > high + width or seen_low < low - width:
+        return f"values from {seen_low:g} to {seen_high:g}"
+    return None
 
 
 def check_codes(codes: Any, codebook_size: int) -> None:
