@@ -1,17 +1,24 @@
-"""JPEG draft mode vs full decode: speed and pixel difference after the whole preprocessing.
+"""preprocess="exact" vs "fast": images/s on one thread and PSNR of fast against exact.
 
-Corpus: scikit-image's bundled photos saved as JPEG, plus larger synthetic JPEGs (photos
-upscaled with LANCZOS, one of odd size so libjpeg's partial last block matters). Speed is the
-median over several runs of decoding + converting + resizing + cropping from the encoded bytes,
-on one thread. Differences compare ``load_image(..., draft=True)`` with ``draft=False``.
+Corpus: JPEGs (q=90) cut from scikit-image's photos, each side drawn from 400-1100 px
+(``--sides``): the photo is LANCZOS-scaled to cover the cut (with 0-40% to spare), cut at a
+random offset and flipped half the time. Everything is deterministic (``--seed``). Speed is the
+median over ``--repeats`` interleaved passes (exact, fast, exact, fast, ...) of the whole
+``load_image`` call from the encoded bytes on this one thread, in images per second of this
+process's CPU time (what one core delivers; less sensitive to other processes than wall time,
+which is shown too). PSNR compares each fast output with the exact one. The same is then done
+for the images handed in already decoded (PIL), where fast mode is the fast resize alone.
 
-    python benchmarks/preprocess_draft.py [--image-size 256] [--repeats 7]
+    python benchmarks/preprocess_modes.py [--files 96] [--repeats 5] [--image-size 256]
+        [--sides 400,1100] [--photos astronaut,chelsea,...] [--json out.json]
 """
 
 from __future__ import annotations
 
 import argparse
 import io
+import json
+import random
 import statistics
 import time
 
@@ -19,85 +26,108 @@ import numpy as np
 from PIL import Image
 from skimage import data
 
-from vqgan_datasets.images import _DRAFT_FACTOR, load_image
+from vqgan_datasets.images import load_image
+
+PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry",
+          "hubble_deep_field", "retina", "camera")
 
 
-def _jpeg(pixels: np.ndarray, size: tuple[int, int] | None = None, quality: int = 90) -> bytes:
-    image = Image.fromarray(pixels)
-    if size is not None:
-        image = image.resize(size, Image.Resampling.LANCZOS)
-    buf = io.BytesIO()
-    image.save(buf, "JPEG", quality=quality)
-    return buf.getvalue()
+def make_jpegs(count: int, seed: int, photos: tuple[str, ...], low: int = 400,
+               high: int = 1100) -> list[bytes]:
+    """`count` distinct JPEGs (q=90), both sides in [low, high], cut from the named photos."""
+    rng = random.Random(seed)
+    bases = []
+    for name in photos:
+        pixels = getattr(data, name)()
+        bases.append(Image.fromarray(pixels[..., :3] if pixels.ndim == 3 else pixels))
+    out = []
+    for i in range(count):
+        base = bases[i % len(bases)]
+        width, height = rng.randint(low, high), rng.randint(low, high)
+        scale = max(width / base.width, height / base.height) * rng.uniform(1.0, 1.4)
+        big = base.resize((round(base.width * scale), round(base.height * scale)),
+                          Image.Resampling.LANCZOS)
+        x, y = rng.randint(0, big.width - width), rng.randint(0, big.height - height)
+        cut = big.crop((x, y, x + width, y + height))
+        if rng.random() < 0.5:
+            cut = cut.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        buffer = io.BytesIO()
+        cut.save(buffer, "JPEG", quality=90)
+        out.append(buffer.getvalue())
+    return out
 
 
-def corpus() -> list[tuple[str, bytes]]:
-    photos = {
-        "astronaut": data.astronaut(),
-        "chelsea": data.chelsea(),
-        "coffee": data.coffee(),
-        "camera (gray)": data.camera(),
-        "rocket": data.rocket(),
-        "immunohistochemistry": data.immunohistochemistry(),
-    }
-    items = []
-    for name, pixels in photos.items():
-        items.append((f"{name} {pixels.shape[1]}x{pixels.shape[0]}", _jpeg(pixels)))
-    for name, size in [
-        ("astronaut", (2048, 2048)),
-        ("coffee", (3000, 2000)),
-        ("chelsea", (2047, 1361)),
-        ("camera (gray)", (2048, 2048)),
-    ]:
-        items.append((f"{name} {size[0]}x{size[1]}", _jpeg(photos[name], size)))
-    return items
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
 
 
-def images_per_second(encoded: bytes, image_size: int, draft: bool, repeats: int) -> float:
-    load_image(encoded, image_size, draft=draft)  # warm up
-    per_run = []
+def rates(inputs: list, image_size: int, repeats: int) -> dict[str, float]:
+    """Median images/s per mode over interleaved passes, after one warm-up pass each: per
+    second of this process's CPU time (what one core delivers, whatever else runs) and of wall
+    time."""
+    runs: dict[str, list[tuple[float, float]]] = {"exact": [], "fast": []}
+    for mode in runs:
+        for item in inputs[:8]:
+            load_image(item, image_size, preprocess=mode)
     for _ in range(repeats):
-        n, start = 0, time.perf_counter()
-        while n == 0 or time.perf_counter() - start < 0.2:
-            load_image(encoded, image_size, draft=draft)
-            n += 1
-        per_run.append(n / (time.perf_counter() - start))
-    return statistics.median(per_run)
+        for mode, passes in runs.items():
+            cpu, wall = time.process_time(), time.perf_counter()
+            for item in inputs:
+                load_image(item, image_size, preprocess=mode)
+            passes.append((time.process_time() - cpu, time.perf_counter() - wall))
+    out = {}
+    for mode, passes in runs.items():
+        out[mode] = len(inputs) / statistics.median(cpu for cpu, _ in passes)
+        out[f"{mode}_wall"] = len(inputs) / statistics.median(wall for _, wall in passes)
+    return out
 
 
-def difference(encoded: bytes, image_size: int) -> tuple[float, int, float]:
-    full = load_image(encoded, image_size, draft=False).astype(np.float64)
-    drafted = load_image(encoded, image_size, draft=True).astype(np.float64)
-    diff = np.abs(full - drafted)
-    mse = float((diff**2).mean())
-    psnr = float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
-    return float(diff.mean()), int(diff.max()), psnr
+def quality(inputs: list, image_size: int) -> dict[str, float]:
+    values = [
+        psnr(load_image(item, image_size), load_image(item, image_size, preprocess="fast"))
+        for item in inputs
+    ]
+    finite = [min(v, 99.0) for v in values]  # identical outputs count as 99 dB in the mean
+    return {"psnr_mean": float(np.mean(finite)), "psnr_min": float(np.min(values)),
+            "psnr_p5": float(np.percentile(values, 5)),
+            "identical": int(sum(v == float("inf") for v in values))}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--files", type=int, default=96)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--image-size", type=int, default=256)
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--sides", default="400,1100", help="smallest,largest side in px")
+    parser.add_argument("--photos", default=",".join(PHOTOS),
+                        help="scikit-image data names (textures: brick,grass,gravel)")
+    parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
-    size = args.image_size
+    size, photos = args.image_size, tuple(args.photos.split(","))
+    low, high = (int(v) for v in args.sides.split(","))
 
-    print(f"image_size={size}, JPEG q=90, median of {args.repeats} runs, one thread")
-    header = (
-        f"| {'image':<30} | drafted | full img/s | draft img/s | speedup "
-        "| mean abs diff | max abs diff | PSNR dB |"
-    )
-    print(header)
-    print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
-    for name, encoded in corpus():
-        width, height = Image.open(io.BytesIO(encoded)).size
-        drafted = min(width, height) >= _DRAFT_FACTOR * size
-        full = images_per_second(encoded, size, False, args.repeats)
-        fast = images_per_second(encoded, size, True, args.repeats) if drafted else full
-        mean_d, max_d, psnr = difference(encoded, size)
-        print(
-            f"| {name:<30} | {'yes' if drafted else 'no':<7} | {full:10.1f} | {fast:11.1f} "
-            f"| {fast / full:6.1f}x | {mean_d:13.2f} | {max_d:12d} | {psnr:7.1f} |"
-        )
+    jpegs = make_jpegs(args.files, args.seed, photos, low, high)
+    decoded = [Image.open(io.BytesIO(b)).convert("RGB") for b in jpegs]
+    mean_kb = statistics.mean(len(b) for b in jpegs) / 1000
+    print(f"{len(jpegs)} JPEGs q=90, sides {low}-{high} px, mean {mean_kb:.0f} KB, from "
+          f"{', '.join(photos)}; image_size={size}; one thread, median of {args.repeats} "
+          "interleaved passes")
+    print("| input | exact img/s | fast img/s | fast / exact | (wall time) | PSNR mean | PSNR p5 "
+          "| PSNR min |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    results = {}
+    for name, inputs in (("JPEG bytes", jpegs), ("decoded PIL", decoded)):
+        speed, psnrs = rates(inputs, size, args.repeats), quality(inputs, size)
+        ratio, wall_ratio = speed["fast"] / speed["exact"], speed["fast_wall"] / speed["exact_wall"]
+        results[name] = {**speed, **psnrs, "ratio": ratio, "wall_ratio": wall_ratio}
+        print(f"| {name} | {speed['exact']:.1f} | {speed['fast']:.1f} | {ratio:.2f}x | "
+              f"{wall_ratio:.2f}x | {psnrs['psnr_mean']:.1f} dB | {psnrs['psnr_p5']:.1f} dB | "
+              f"{psnrs['psnr_min']:.1f} dB |", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "mean_kb": mean_kb, "results": results}, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import io
+import json
 import pathlib
 import pickle
 import struct
@@ -20,6 +21,8 @@ from skimage import data
 
 from vqgan_datasets.images import (
     DEFAULT_MAX_PIXELS,
+    PREPROCESS_DESCRIPTIONS,
+    PREPROCESS_MODES,
     ImageDecodeError,
     PreprocessedBatch,
     load_image,
@@ -187,8 +190,9 @@ def test_jpeg_from_disk_matches_decoded_pixels(photos, tmp_path):
     path = tmp_path / "coffee.jpg"
     path.write_bytes(encode(Image.fromarray(photos["coffee"]), "JPEG", quality=90))
     expected = reference(Image.open(path).convert("RGB"))
-    np.testing.assert_array_equal(load_image(path, S, draft=False), expected)
-    assert psnr(load_image(path, S), expected) > 35  # 600x400 >= 2*64: drafted by default
+    np.testing.assert_array_equal(load_image(path, S), expected)  # exact: never drafted
+    fast = load_image(path, S, preprocess="fast")  # 600x400 >= 2*64: drafted
+    assert not np.array_equal(fast, expected) and psnr(fast, expected) > 35
 
 
 # ----------------------------------------------------------------------------- modes
@@ -258,10 +262,10 @@ def test_cmyk_jpeg(photos):
     jpeg = encode(Image.fromarray(photos["coffee"]).convert("CMYK"), "JPEG", quality=90)
     decoded = Image.open(io.BytesIO(jpeg))
     assert decoded.mode == "CMYK"
-    out = load_image(jpeg, S, draft=False)
+    out = load_image(jpeg, S)
     np.testing.assert_array_equal(out, reference(decoded.convert("RGB")))
     assert psnr(out, load_image(photos["coffee"], S)) > 25  # colors survive the round trip
-    assert psnr(load_image(jpeg, S), out) > 35  # drafted CMYK
+    assert psnr(load_image(jpeg, S, preprocess="fast"), out) > 35  # drafted CMYK
 
 
 ORIENTED = {  # EXIF orientation -> how the stored pixels must be turned to stand upright
@@ -478,6 +482,17 @@ def test_pil_bomb_warning_does_not_escape():
     assert not [w for w in caught if issubclass(w.category, Image.DecompressionBombWarning)]
 
 
+def test_a_side_longer_than_max_pixels_over_16_is_refused():
+    # 6 M pixels, but PIL would keep 48 MB of row pointers per copy of a 1-pixel-wide image.
+    for size in [(1, 6_000_000), (6_000_000, 1)]:
+        with pytest.raises(ImageDecodeError) as info:
+            load_image(png_header(*size), S, key="tall")
+        assert str(info.value) == (
+            f"sample 'tall' (key): declared size {size[0]}x{size[1]}: a side of 6,000,000 "
+            "pixels exceeds max_pixels/16 = 5,592,405"
+        )
+
+
 def test_max_pixels_is_per_call(small):
     png = encode(Image.fromarray(small), "PNG")
     message = "declared size 150x100 = 15,000 pixels exceeds max_pixels=1,000"
@@ -488,31 +503,237 @@ def test_max_pixels_is_per_call(small):
     assert load_image(png, S, max_pixels=15_000).shape == (S, S, 3)
 
 
-# ------------------------------------------------------------------------ JPEG draft
+# ------------------------------------------------------------ exact and fast preprocessing
 
 
-def test_draft_matches_full_decode_for_every_orientation(photos):
+@pytest.fixture(scope="module")
+def large_jpegs(photos) -> dict[str, bytes]:
+    """Real photos upscaled past 1,249 px on the short side, as JPEG q=90."""
+    sizes = {"astronaut": (1300, 1300), "chelsea": (1879, 1250), "coffee": (1950, 1300)}
+    return {
+        name: encode(Image.fromarray(photos[name]).resize(size, LANCZOS), "JPEG", quality=90)
+        for name, size in sizes.items()
+    }
+
+
+def test_preprocess_modes_are_validated(small):
+    assert PREPROCESS_MODES == ("exact", "fast")
+    assert set(PREPROCESS_DESCRIPTIONS) == set(PREPROCESS_MODES)
+    assert "1/4 (sides >= 1.05x target)" in PREPROCESS_DESCRIPTIONS["fast"]  # its parameters
+    with pytest.raises(ValueError, match=r"preprocess must be one of \('exact', 'fast'\)"):
+        load_image(small, S, preprocess="draft")
+    with pytest.raises(ValueError, match="preprocess must be one of"):
+        preprocess_batch([small], S, preprocess="quick")
+
+
+@pytest.mark.parametrize("name", ["astronaut", "chelsea", "coffee"])
+def test_exact_gives_the_same_pixels_for_every_form_of_a_large_jpeg(large_jpegs, name, tmp_path):
+    jpeg = large_jpegs[name]
+    path = tmp_path / f"{name}.jpg"
+    path.write_bytes(jpeg)
+    decoded = Image.open(io.BytesIO(jpeg)).convert("RGB")
+    expected = reference(decoded, 256)
+    inputs = {
+        "bytes": jpeg,
+        "path": path,
+        "dict bytes": {"bytes": jpeg, "path": None},
+        "dict path": {"bytes": None, "path": str(path)},
+        "lazy pil": Image.open(io.BytesIO(jpeg)),
+        "decoded pil": decoded,
+        "array": np.asarray(decoded),
+    }
+    for kind, value in inputs.items():
+        np.testing.assert_array_equal(load_image(value, 256), expected, err_msg=kind)
+    batch = preprocess_batch(list(inputs.values()), 256, preprocess="exact")
+    np.testing.assert_array_equal(batch.pixels, np.stack([expected] * len(inputs)))
+
+
+@pytest.mark.parametrize("name", ["astronaut", "chelsea", "coffee"])
+def test_fast_is_close_to_exact_on_real_photos(large_jpegs, name, tmp_path):
+    jpeg = large_jpegs[name]
+    path = tmp_path / f"{name}.jpg"
+    path.write_bytes(jpeg)
+    exact = load_image(jpeg, 256)
+    fast = load_image(jpeg, 256, preprocess="fast")
+    assert fast.shape == (256, 256, 3) and fast.dtype == np.uint8 and fast.flags.writeable
+    assert not np.array_equal(fast, exact), "the JPEG was not drafted"
+    assert psnr(fast, exact) >= 38.0
+    for value in (path, {"bytes": jpeg, "path": None}, {"bytes": None, "path": str(path)}):
+        np.testing.assert_array_equal(load_image(value, 256, preprocess="fast"), fast)
+    decoded = Image.open(io.BytesIO(jpeg)).convert("RGB")  # decoded inputs: the fast resize
+    fast_decoded = load_image(decoded, 256, preprocess="fast")
+    np.testing.assert_array_equal(load_image(np.asarray(decoded), 256, preprocess="fast"),
+                                  fast_decoded)
+    assert psnr(fast_decoded, exact) >= 38.0
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "WEBP", "GIF"])
+def test_fast_equals_exact_for_other_formats(photos, fmt):
+    if fmt == "WEBP" and not features.check("webp"):
+        pytest.skip("PIL built without WebP")
+    image = Image.fromarray(photos["coffee"]).resize((900, 600), LANCZOS)
+    encoded = encode(image, fmt, **({"lossless": True} if fmt == "WEBP" else {}))
+    exact = load_image(encoded, 256)
+    np.testing.assert_array_equal(load_image(encoded, 256, preprocess="fast"), exact)
+    batch = preprocess_batch([encoded], 256, preprocess="fast")
+    np.testing.assert_array_equal(batch.pixels[0], exact)
+
+
+def test_fast_draft_keeps_the_geometry_for_every_orientation(photos):
     # An odd size, so libjpeg's partial last block lands on a different side per orientation.
     base = Image.fromarray(photos["chelsea"]).resize((1021, 679), LANCZOS)
     for orientation in sorted(ORIENTED):
         jpeg = jpeg_with_orientation(base, orientation)
-        full = load_image(jpeg, S, draft=False)
-        drafted = load_image(jpeg, S)
-        assert not np.array_equal(full, drafted), "draft was not applied"
-        assert psnr(full, drafted) > 40, orientation
+        exact = load_image(jpeg, S)
+        fast = load_image(jpeg, S, preprocess="fast")
+        assert not np.array_equal(exact, fast), "draft was not applied"
+        assert psnr(exact, fast) > 38, orientation  # a misplaced box would be far below
 
 
 def test_callers_pil_image_is_not_drafted(photos):
     jpeg = encode(Image.fromarray(photos["astronaut"]), "JPEG", quality=90)
     lazy = Image.open(io.BytesIO(jpeg))
-    out = load_image(lazy, S)
-    assert lazy.size == (512, 512)
-    np.testing.assert_array_equal(out, load_image(jpeg, S, draft=False))
+    fast = load_image(lazy, S, preprocess="fast")
+    assert lazy.size == (512, 512)  # a draft would have shrunk the caller's object
+    decoded = Image.open(io.BytesIO(jpeg)).convert("RGB")
+    np.testing.assert_array_equal(fast, load_image(decoded, S, preprocess="fast"))
+    np.testing.assert_array_equal(load_image(Image.open(io.BytesIO(jpeg)), S), load_image(jpeg, S))
 
 
 def test_draft_skipped_below_twice_the_size(photos):
+    # 127x100 at S=64: the 1/2 scale would fall below the 81x64 target, so the JPEG is decoded
+    # in full and only resized fast, exactly as the same image handed in decoded.
     jpeg = encode(Image.fromarray(photos["chelsea"]).resize((127, 100)), "JPEG", quality=90)
-    np.testing.assert_array_equal(load_image(jpeg, S), load_image(jpeg, S, draft=False))
+    decoded = Image.open(io.BytesIO(jpeg)).convert("RGB")
+    np.testing.assert_array_equal(
+        load_image(jpeg, S, preprocess="fast"), load_image(decoded, S, preprocess="fast")
+    )
+
+
+def test_draft_keyword_is_deprecated_ignored_and_warns_once(photos, tmp_path):
+    jpeg = encode(Image.fromarray(photos["coffee"]), "JPEG", quality=90)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        exact = load_image(jpeg, S)
+        np.testing.assert_array_equal(load_image(jpeg, S, draft=True), exact)
+        np.testing.assert_array_equal(load_image(jpeg, S, draft=False), exact)
+        batch = preprocess_batch([jpeg], S, draft=True)
+        np.testing.assert_array_equal(batch.pixels[0], exact)
+    path = tmp_path / "coffee.jpg"
+    path.write_bytes(jpeg)
+    code = (
+        "import warnings\n"
+        "from vqgan_datasets.images import load_image, preprocess_batch\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        f"    load_image({str(path)!r}, 64, draft=True)\n"
+        f"    load_image({str(path)!r}, 64, draft=False)\n"
+        f"    preprocess_batch([{str(path)!r}], 64, draft=True)\n"
+        "messages = [str(w.message) for w in caught if w.category is DeprecationWarning]\n"
+        "assert len(messages) == 1, messages\n"
+        "assert \"preprocess='fast'\" in messages[0], messages\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_beyond_the_full_resize_limit_only_the_crop_region_is_resampled(photos):
+    # Past FULL_RESIZE_LIMIT * S**2 target pixels (16:1) only the crop region is resampled, with
+    # the seed's passes; PIL's float32 box moves a few values by a level or two.
+    for size in [(40, 800), (300, 5000), (5000, 301)]:
+        strip = Image.fromarray(photos["astronaut"]).resize(size, LANCZOS)
+        diff = np.abs(load_image(strip, S).astype(int) - reference(strip).astype(int))
+        assert diff.max() <= 2 and (diff > 0).mean() < 0.15, size
+    within = Image.fromarray(photos["astronaut"]).resize((40, 600), LANCZOS)  # 15:1: the seed's
+    np.testing.assert_array_equal(load_image(within, S), reference(within))
+
+
+def test_mode_conversion_in_bands_equals_whole_image():
+    rng = np.random.default_rng(0)
+    h, w = 1100, 1000  # over _BAND_PIXELS: converted band by band
+    rgba = rng.integers(0, 256, (h, w, 4), dtype=np.uint8)
+    expected = reference(Image.fromarray(over_white(rgba)))
+    np.testing.assert_array_equal(load_image(encode(Image.fromarray(rgba), "PNG"), S), expected)
+    # Whole-image decisions: one large value in the last rows makes all of mode I full-range,
+    # and of mode F [0, 255]-valued.
+    values = rng.integers(0, 256, (h, w)).astype(np.int32) * 257
+    values[-1, -1] = 2**31 - 1
+    full_range = (np.clip(values, 0, None) >> 23).astype(np.uint8)
+    np.testing.assert_array_equal(
+        load_image(Image.fromarray(values), S), reference(Image.fromarray(full_range).convert("RGB"))
+    )
+    unit = rng.random((h, w)).astype(np.float32)
+    unit[-1, -1] = 2.0
+    scaled = np.rint(np.clip(unit, 0, 255)).astype(np.uint8)
+    np.testing.assert_array_equal(
+        load_image(Image.fromarray(unit), S), reference(Image.fromarray(scaled).convert("RGB"))
+    )
+    unit[0, 0] = np.nan
+    with pytest.raises(ImageDecodeError, match="NaN or infinity"):
+        load_image(Image.fromarray(unit), S)
+
+
+# --------------------------------------------------------------- memory per sample
+
+# Runs one load in a fresh interpreter whose address space is capped (so a regression fails
+# with MemoryError instead of exhausting the machine) and reports peak RSS growth and time.
+_PROBE = """
+import json, re, resource, sys, time
+from vqgan_datasets.images import load_image
+def status_bytes(field):
+    text = open("/proc/self/status").read()
+    return int(re.search(field + r":\\s+(\\d+)", text).group(1)) * 1024
+data = open(sys.argv[1], "rb").read()
+load_image(__import__("numpy").zeros((4, 4, 3), "uint8"), 8)  # imports done before measuring
+resource.setrlimit(resource.RLIMIT_AS, (status_bytes("VmSize") + (int(sys.argv[3]) << 20),) * 2)
+before = status_bytes("VmRSS")
+start = time.perf_counter()
+out = load_image(data, 256, preprocess=sys.argv[2])
+seconds = time.perf_counter() - start
+peak = status_bytes("VmHWM")
+print(json.dumps({"shape": list(out.shape), "seconds": seconds,
+                  "peak_mb": peak / 2**20, "growth_mb": (peak - before) / 2**20}))
+"""
+
+
+def probe(path: pathlib.Path, preprocess: str, cap_mb: int) -> dict:
+    result = subprocess.run(
+        [sys.executable, "-c", _PROBE, str(path), preprocess, str(cap_mb)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    return json.loads(result.stdout)
+
+
+@pytest.mark.parametrize("size", [(1, 100_000), (2, 20_000), (100_000, 1)])
+def test_extreme_aspect_ratios_have_a_bounded_intermediate(size, tmp_path):
+    # The seed's resize target of a 1x100000 image is 256 x 25.6M pixels (over 14 GB).
+    path = tmp_path / "strip.png"
+    Image.new("RGB", size, (10, 200, 30)).save(path)
+    assert path.stat().st_size < 2000
+    for preprocess in PREPROCESS_MODES:
+        report = probe(path, preprocess, cap_mb=1024)
+        assert report["shape"] == [256, 256, 3]
+        assert report["peak_mb"] < 400 and report["seconds"] < 3, report
+
+
+def test_decode_memory_is_bounded_per_pixel(tmp_path):
+    # RGBA with an EXIF rotation: the worst common path (decode, composite, transpose) holds
+    # at most two full-size images of 4 bytes per pixel plus 10 MB of band temporaries; it
+    # used to peak near 24 bytes per pixel.
+    side = 3000
+    ramp = np.linspace(0, 255, side, dtype=np.float32)
+    rgba = np.empty((side, side, 4), np.uint8)
+    rgba[..., 0] = ramp[None, :]
+    rgba[..., 1] = ramp[:, None]
+    rgba[..., 2] = 90
+    rgba[..., 3] = ramp[::-1][None, :]
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path = tmp_path / "rgba.png"
+    Image.fromarray(rgba).save(path, compress_level=1, exif=exif)
+    del rgba
+    report = probe(path, "exact", cap_mb=1024)
+    assert report["growth_mb"] * 2**20 < 8 * side**2 + 16 * 2**20, report
 
 
 # ------------------------------------------------------------------- preprocess_batch
@@ -587,8 +808,12 @@ def test_batch_of_only_failures_and_empty_batch():
 def test_module_import_is_cheap():
     path = pathlib.Path(__file__).parents[1] / "vqgan_datasets" / "images.py"
     code = (
-        "import importlib.util, sys\n"
-        f"spec = importlib.util.spec_from_file_location('images_probe', {str(path)!r})\n"
+        "import importlib.util, sys, types\n"
+        # the package without its __init__, so that only images.py and what it imports run
+        "package = types.ModuleType('vqgan_datasets')\n"
+        f"package.__path__ = [{str(path.parent)!r}]\n"
+        "sys.modules['vqgan_datasets'] = package\n"
+        f"spec = importlib.util.spec_from_file_location('vqgan_datasets.images', {str(path)!r})\n"
         "module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)\n"
         "spec.loader.exec_module(module)\n"
         "heavy = [m for m in ('jax', 'datasets', 'torch', 'fsspec') if m in sys.modules]\n"
