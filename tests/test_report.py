@@ -1,12 +1,11 @@
-"""Report: metrics on known arrays, grid geometry, and a full report on the tiny model whose
-HTML is parsed back (numbers recomputed, embedded PNGs decoded)."""
+"""Report: a preview PNG and a full report on the tiny model whose HTML is parsed back (numbers
+recomputed, embedded PNGs decoded). The metrics and grids have their own test files."""
 
 from __future__ import annotations
 
 import base64
 import io
 import json
-import math
 import re
 
 import numpy as np
@@ -14,6 +13,8 @@ import pytest
 from conftest import photos
 from PIL import Image
 
+from vqgan_datasets import pictures, quality
+from vqgan_datasets import report as report_module
 from vqgan_datasets.engine import get_engine
 from vqgan_datasets.images import load_image
 from vqgan_datasets.report import (
@@ -21,7 +22,6 @@ from vqgan_datasets.report import (
     build_report,
     codebook_usage,
     preview,
-    preview_grid,
     psnr,
 )
 
@@ -40,91 +40,15 @@ def six_photos() -> np.ndarray:
     return np.concatenate([photos(SIZE, 4), np.stack(extra)])
 
 
-# -- metrics ------------------------------------------------------------------------------------
+def test_report_reexports_metrics_and_grid():
+    assert report_module.psnr is quality.psnr
+    assert report_module.codebook_usage is quality.codebook_usage
+    assert report_module.CodebookUsage is quality.CodebookUsage
+    assert report_module.PSNR_CAP_DB == quality.PSNR_CAP_DB
+    assert report_module.preview_grid is pictures.preview_grid
 
 
-def test_psnr_known_values():
-    a = np.full((3, 8, 8, 3), 100, np.uint8)
-    b = a.copy()
-    b[0] += 1  # MSE 1 → 10·log10(255²) = 48.1308 dB
-    b[1] -= 10  # MSE 100 → 28.1308 dB
-    out = psnr(a, b)
-    assert out.shape == (3,)
-    np.testing.assert_allclose(out[:2], [48.1308036, 28.1308036], atol=1e-6)
-    assert math.isinf(out[2]) and out[2] > 0  # identical: exact inf, not an error
-    assert psnr(a[0], b[0]).shape == ()  # one image
-    # Symmetric, and no uint8 wrap-around in the difference.
-    np.testing.assert_array_equal(psnr(b, a), out)
-    black, white = np.zeros((1, 4, 4, 3), np.uint8), np.full((1, 4, 4, 3), 255, np.uint8)
-    np.testing.assert_allclose(psnr(black, white), [0.0], atol=1e-12)
-
-
-def test_psnr_rejects_bad_inputs():
-    a = np.zeros((2, 4, 4, 3), np.uint8)
-    with pytest.raises(ValueError, match="uint8"):
-        psnr(a.astype(np.float32), a)
-    with pytest.raises(ValueError, match="one shape"):
-        psnr(a, a[:1])
-
-
-def test_codebook_usage_known_codes():
-    k, size = 5, 64
-    codes = np.tile(np.arange(k), 12).reshape(6, 10)  # uniform over 5 of 64 codes
-    usage = codebook_usage(codes, size)
-    assert usage.total == 60 and usage.used == k
-    assert usage.used_fraction == pytest.approx(k / size)
-    assert usage.perplexity == pytest.approx(k)
-    assert usage.counts.shape == (size,) and usage.counts[:k].tolist() == [12] * k
-    assert usage.counts[k:].sum() == 0
-
-    skewed = codebook_usage(np.array([7, 7, 7, 3]), 8, top=3)
-    assert skewed.top_codes == [(7, 3), (3, 1)]  # only codes that occur
-    p = np.array([0.75, 0.25])
-    assert skewed.perplexity == pytest.approx(math.exp(-(p * np.log(p)).sum()))
-    assert codebook_usage(np.zeros(10, np.uint16), 8).perplexity == pytest.approx(1.0)
-    assert json.dumps(skewed.to_dict())
-
-
-def test_codebook_usage_rejects_bad_codes():
-    with pytest.raises(ValueError, match="outside"):
-        codebook_usage(np.array([0, 8]), 8)
-    with pytest.raises(ValueError, match="outside"):
-        codebook_usage(np.array([-1, 2]), 8)
-    with pytest.raises(ValueError, match="empty"):
-        codebook_usage(np.array([], np.int32), 8)
-    with pytest.raises(ValueError, match="integers"):
-        codebook_usage(np.array([0.5]), 8)
-
-
-# -- grid ---------------------------------------------------------------------------------------
-
-
-def test_preview_grid_geometry():
-    rng = np.random.default_rng(0)
-    n, h, w, gap, columns = 5, 6, 7, 2, 3
-    originals = rng.integers(0, 256, (n, h, w, 3), dtype=np.uint8)
-    recon = rng.integers(0, 256, (n, h, w, 3), dtype=np.uint8)
-    grid = np.asarray(preview_grid(originals, recon, columns=columns, gap=gap))
-    pairs = 2
-    assert grid.shape == (pairs * (2 * h + 3 * gap), columns * (w + gap) + gap, 3)
-    np.testing.assert_array_equal(grid[gap : gap + h, gap : gap + w], originals[0])
-    below = gap + h + gap
-    np.testing.assert_array_equal(grid[below : below + h, gap : gap + w], recon[0])
-    # Sample 4 wraps to the second row pair, second column.
-    x, y = gap + (w + gap), gap + (2 * h + 3 * gap)
-    np.testing.assert_array_equal(grid[y : y + h, x : x + w], originals[4])
-    np.testing.assert_array_equal(grid[y + h + gap : y + 2 * h + gap, x : x + w], recon[4])
-    # Gaps and the empty last cell are white.
-    assert (grid[:gap] == 255).all() and (grid[:, :gap] == 255).all()
-    x = gap + 2 * (w + gap)
-    assert (grid[y : y + 2 * h + gap, x : x + w] == 255).all()
-
-    default = preview_grid(originals, recon)  # one row pair of min(N, 8) columns
-    assert default.size == (n * (w + 2) + 2, 2 * h + 6)
-    with pytest.raises(ValueError, match="differ"):
-        preview_grid(originals, recon[:4])
-    with pytest.raises(ValueError, match="uint8"):
-        preview_grid(originals.astype(np.float32), recon)
+# -- preview --------------------------------------------------------------------------------
 
 
 def test_preview_writes_a_real_picture(tiny_model, tmp_path):

@@ -1,9 +1,10 @@
-"""Previews and a visual quality report: reconstruction grids, PSNR, codebook usage, throughput.
+"""The visual quality report and previews: encode and decode sample images (or decode given
+tokens) through the engine, then write a self-contained HTML page of the results.
 
-The metrics (`psnr`, `codebook_usage`) and `preview_grid` are plain numpy/PIL and run anywhere;
-`preview` and `build_report` encode and decode through the engine, so they use every local
-device. The report is one self-contained HTML file (images as base64 PNG data URIs); its plots
-are also written next to it as PNG files, and its numbers as `summary.json`.
+`preview` and `build_report` use every local device. The report is one HTML file (images as
+base64 PNG data URIs) with reconstruction grids, PSNR, codebook usage and throughput; its plots
+are also written next to it as PNG files, and its numbers as `summary.json`. The metrics live in
+quality.py and the pictures in pictures.py; their public names are re-exported here.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import logging
 import math
 import os
 import time
-import uuid
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,7 +29,12 @@ import numpy as np
 from PIL import Image
 
 from . import __version__
+from .engine import get_engine
 from .images import ImageInput, preprocess_batch
+from .metadata import TokenizerSpec
+from .pictures import codebook_plot, png_bytes, preview_grid, side_by_side, tile_grid
+from .quality import PSNR_CAP_DB, CodebookUsage, codebook_usage, psnr
+from .storage import atomic_write
 
 __all__ = [
     "PSNR_CAP_DB",
@@ -43,174 +48,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-# Identical images have infinite PSNR. `psnr` returns inf (exact); summaries (mean, median)
-# count such images as PSNR_CAP_DB so that one perfect sample does not make the mean infinite.
-PSNR_CAP_DB = 100.0
-_GRID_COLUMNS = 8  # default columns of a preview grid
 _REPORT_GRID_MAX = 32  # samples shown in the HTML grid; preview.png holds them all
-_WHITE = 255
-
-
-# -- metrics ------------------------------------------------------------------------------------
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Per-image PSNR in dB of uint8 images [..., H, W, C] (peak 255); identical images → inf.
-
-    Reduces over the last three axes: [N, H, W, C] gives [N], one [H, W, C] image gives a 0-d
-    array. Infinite values are exact; `PSNR_CAP_DB` is what the report's summaries use instead.
-    """
-    a, b = np.asarray(a), np.asarray(b)
-    if a.dtype != np.uint8 or b.dtype != np.uint8:
-        raise ValueError(f"psnr expects uint8 images, got {a.dtype} and {b.dtype}")
-    if a.shape != b.shape or a.ndim < 3:
-        raise ValueError(f"psnr expects two [..., H, W, C] arrays of one shape, got {a.shape} "
-                         f"and {b.shape}")
-    diff = a.astype(np.float64) - b.astype(np.float64)
-    mse = np.mean(diff * diff, axis=(-3, -2, -1))
-    with np.errstate(divide="ignore"):
-        return 10.0 * np.log10(255.0**2 / mse)
-
-
-@dataclasses.dataclass(frozen=True)
-class CodebookUsage:
-    """How a sample of tokens uses a codebook.
-
-    `perplexity` is exp(entropy) of the code distribution (natural log): the number of equally
-    used codes that would give the same entropy, between 1 and `codebook_size`.
-    """
-
-    codebook_size: int
-    counts: np.ndarray  # int64 [codebook_size]: occurrences of each code id
-    total: int  # tokens counted
-    used: int  # codes that occur at least once
-    used_fraction: float  # used / codebook_size
-    entropy: float  # nats
-    perplexity: float
-    top_codes: list[tuple[int, int]]  # (code, count), most frequent first
-
-    def to_dict(self) -> dict[str, Any]:
-        """Everything but the full histogram, JSON-ready."""
-        return {
-            "codebook_size": self.codebook_size,
-            "tokens": self.total,
-            "used": self.used,
-            "used_fraction": self.used_fraction,
-            "entropy_nats": self.entropy,
-            "perplexity": self.perplexity,
-            "top_codes": [list(pair) for pair in self.top_codes],
-        }
-
-
-def codebook_usage(codes: Any, codebook_size: int, *, top: int = 10) -> CodebookUsage:
-    """Histogram, used fraction, perplexity and the `top` most frequent codes of integer `codes`
-    (any shape, e.g. [N, h*w]); ids outside [0, codebook_size) raise."""
-    if isinstance(codebook_size, bool) or not isinstance(codebook_size, (int, np.integer)) \
-            or codebook_size < 1:
-        raise ValueError(f"codebook_size must be a positive int, got {codebook_size!r}")
-    flat = np.asarray(codes).reshape(-1)
-    if flat.size == 0:
-        raise ValueError("codebook_usage needs at least one token, got an empty array")
-    if not np.issubdtype(flat.dtype, np.integer):
-        raise ValueError(f"token ids must be integers, got dtype {flat.dtype}")
-    low, high = int(flat.min()), int(flat.max())
-    if low < 0 or high >= codebook_size:
-        bad = low if low < 0 else high
-        raise ValueError(f"token id {bad} is outside [0, {codebook_size})")
-    counts = np.bincount(flat.astype(np.int64), minlength=int(codebook_size)).astype(np.int64)
-    total = int(flat.size)
-    p = counts[counts > 0] / total
-    entropy = float(-(p * np.log(p)).sum())
-    order = np.argsort(-counts, kind="stable")[: max(0, int(top))]
-    return CodebookUsage(
-        codebook_size=int(codebook_size),
-        counts=counts,
-        total=total,
-        used=int((counts > 0).sum()),
-        used_fraction=float((counts > 0).sum() / codebook_size),
-        entropy=entropy,
-        perplexity=float(math.exp(entropy)),
-        top_codes=[(int(c), int(counts[c])) for c in order if counts[c] > 0],
-    )
-
-
-# -- pictures -----------------------------------------------------------------------------------
-
-
-def preview_grid(
-    originals: np.ndarray,
-    reconstructions: np.ndarray,
-    *,
-    columns: int | None = None,
-    gap: int = 2,
-) -> Image.Image:
-    """Originals in a row above their reconstructions, `columns` samples per row pair
-    (default min(N, 8)), on white.
-
-    Geometry, for tiles H×W and P = ceil(N / columns) row pairs: the image is
-    (columns·(W+gap)+gap) × P·(2H+3·gap); sample i's original has its top-left corner at
-    x = gap + (i % columns)·(W+gap), y = gap + (i // columns)·(2H+3·gap), and its reconstruction
-    H+gap below. Row pairs are 2·gap apart, twice the gap inside a pair.
-    """
-    originals = _check_tiles("originals", originals)
-    reconstructions = _check_tiles("reconstructions", reconstructions)
-    if originals.shape != reconstructions.shape:
-        raise ValueError(f"originals {originals.shape} and reconstructions "
-                         f"{reconstructions.shape} differ in shape")
-    n, h, w, _ = originals.shape
-    columns = _columns(n, columns)
-    _check_gap(gap)
-    pairs = -(-n // columns)
-    canvas = np.full((pairs * (2 * h + 3 * gap), columns * (w + gap) + gap, 3), _WHITE, np.uint8)
-    for i in range(n):
-        x = gap + (i % columns) * (w + gap)
-        y = gap + (i // columns) * (2 * h + 3 * gap)
-        canvas[y : y + h, x : x + w] = originals[i]
-        canvas[y + h + gap : y + 2 * h + gap, x : x + w] = reconstructions[i]
-    return Image.fromarray(canvas)
-
-
-def _tile_grid(tiles: np.ndarray, columns: int | None = None, gap: int = 2) -> Image.Image:
-    """Images in rows of `columns` on white (decoded tokens, with no originals to pair)."""
-    tiles = _check_tiles("images", tiles)
-    n, h, w, _ = tiles.shape
-    columns = _columns(n, columns)
-    rows = -(-n // columns)
-    canvas = np.full((rows * (h + gap) + gap, columns * (w + gap) + gap, 3), _WHITE, np.uint8)
-    for i in range(n):
-        x = gap + (i % columns) * (w + gap)
-        y = gap + (i // columns) * (h + gap)
-        canvas[y : y + h, x : x + w] = tiles[i]
-    return Image.fromarray(canvas)
-
-
-def _side_by_side(left: np.ndarray, right: np.ndarray, gap: int = 2) -> Image.Image:
-    h, w, _ = left.shape
-    canvas = np.full((h, 2 * w + gap, 3), _WHITE, np.uint8)
-    canvas[:, :w] = left
-    canvas[:, w + gap :] = right
-    return Image.fromarray(canvas)
-
-
-def _check_tiles(name: str, array: Any) -> np.ndarray:
-    array = np.asarray(array)
-    if array.dtype != np.uint8 or array.ndim != 4 or array.shape[-1] != 3 or not len(array):
-        raise ValueError(f"{name} must be uint8 RGB images [N>0, H, W, 3], got {array.dtype} "
-                         f"{array.shape}")
-    return array
-
-
-def _columns(n: int, columns: int | None) -> int:
-    if columns is None:
-        return min(n, _GRID_COLUMNS)
-    if isinstance(columns, bool) or not isinstance(columns, (int, np.integer)) or columns < 1:
-        raise ValueError(f"columns must be a positive int, got {columns!r}")
-    return int(columns)
-
-
-def _check_gap(gap: int) -> None:
-    if isinstance(gap, bool) or not isinstance(gap, (int, np.integer)) or gap < 0:
-        raise ValueError(f"gap must be an int >= 0, got {gap!r}")
 
 
 def preview(
@@ -222,14 +60,12 @@ def preview(
     columns: int | None = None,
 ) -> Path:
     """Encode and decode `images` on every local device; save their preview grid as a PNG."""
-    from .engine import get_engine
-
     engine = get_engine(model)
     pixels = _load_images(images, model, image_size, limit=None)
     reconstructions = engine.decode(engine.encode(pixels))
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomic(out_path, _png_bytes(preview_grid(pixels, reconstructions, columns=columns)))
+    _write_atomic(out_path, png_bytes(preview_grid(pixels, reconstructions, columns=columns)))
     return out_path
 
 
@@ -264,9 +100,6 @@ def build_report(
     Also writes preview.png, codebook.png and summary.json next to it. Throughput excludes
     compilation (each shape is run once first) and host preprocessing.
     """
-    from .engine import get_engine
-    from .metadata import TokenizerSpec
-
     if (images is None) == (tokens is None):
         raise ValueError("build_report needs exactly one of images= or tokens=")
     if isinstance(max_samples, bool) or not isinstance(max_samples, int) or max_samples < 1:
@@ -307,19 +140,19 @@ def build_report(
         html_grid = grid_image if shown == n else preview_grid(pixels[:shown],
                                                                reconstructions[:shown])
     else:
-        grid_image = _tile_grid(reconstructions)
+        grid_image = tile_grid(reconstructions)
         shown = min(n, _REPORT_GRID_MAX)
-        html_grid = grid_image if shown == n else _tile_grid(reconstructions[:shown])
-    grid_png = _png_bytes(grid_image)
-    html_grid_png = grid_png if html_grid is grid_image else _png_bytes(html_grid)
-    codebook_png = _codebook_plot(usage)
+        html_grid = grid_image if shown == n else tile_grid(reconstructions[:shown])
+    grid_png = png_bytes(grid_image)
+    html_grid_png = grid_png if html_grid is grid_image else png_bytes(html_grid)
+    codebook_png = codebook_plot(usage)
     _write_atomic(out_dir / "preview.png", grid_png)
     _write_atomic(out_dir / "codebook.png", codebook_png)
 
     worst = []
     if scores is not None:
         for i in np.argsort(scores, kind="stable")[: max(0, num_worst)]:
-            pair = _png_bytes(_side_by_side(pixels[i], reconstructions[i]))
+            pair = png_bytes(side_by_side(pixels[i], reconstructions[i]))
             worst.append((int(i), float(scores[i]), pair))
 
     title = title or f"VQGAN report: {model.name or 'in-memory model'}"
@@ -367,41 +200,6 @@ def _timed(fn: Callable[[np.ndarray], np.ndarray], rows: np.ndarray,
     start = time.perf_counter()
     out = fn(rows)  # the engine returns host arrays: the work is done when this returns
     return out, n / max(time.perf_counter() - start, 1e-9)
-
-
-def _codebook_plot(usage: CodebookUsage) -> bytes:
-    try:
-        from matplotlib.figure import Figure  # no pyplot: no global state, no display
-    except ImportError as e:
-        raise ImportError("the report's plots need matplotlib: pip install "
-                          "'vqgan-datasets[report]'") from e
-    ranked = np.sort(usage.counts)[::-1]
-    used = ranked[ranked > 0]
-    rank = np.arange(1, len(used) + 1)
-    fig = Figure(figsize=(10, 3.6), dpi=100, layout="constrained")
-    left, right = fig.subplots(1, 2)
-    left.fill_between(rank, used / usage.total, step="mid", alpha=0.35, color="C0")
-    left.step(rank, used / usage.total, where="mid", color="C0", linewidth=1)
-    left.set_yscale("log")
-    left.set_xlim(0.5, usage.codebook_size + 0.5)
-    left.axvline(usage.perplexity, color="C3", linestyle="--", linewidth=1,
-                 label=f"perplexity {usage.perplexity:,.1f}")
-    left.set_xlabel("code rank (most frequent first)")
-    left.set_ylabel("share of tokens")
-    left.set_title(f"code frequency by rank: {usage.used:,} of {usage.codebook_size:,} used")
-    left.legend(loc="upper right")
-    cumulative = np.concatenate([[0.0], np.cumsum(used) / usage.total])
-    right.plot(np.arange(len(cumulative)) / usage.codebook_size, cumulative, color="C1")
-    right.plot([0, 1], [0, 1], color="0.6", linestyle=":", linewidth=1, label="uniform")
-    right.set_xlim(0, 1)
-    right.set_ylim(0, 1.02)
-    right.set_xlabel("fraction of codebook (most frequent first)")
-    right.set_ylabel("cumulative share of tokens")
-    right.set_title(f"{usage.total:,} tokens")
-    right.legend(loc="lower right")
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    return buffer.getvalue()
 
 
 def _summary(title: str, spec: Any, usage: CodebookUsage, throughput: _Throughput,
@@ -584,19 +382,6 @@ def _render_html(*, title, spec, summary, usage, throughput, grid_png, shown, co
 # -- files ----------------------------------------------------------------------------------
 
 
-def _png_bytes(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 def _write_atomic(path: Path, data: bytes) -> None:
-    # open(..., "xb") rather than mkstemp: the file gets the umask's mode, not 0600.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "xb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as f:
+        f.write(data)
