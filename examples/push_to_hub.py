@@ -5,14 +5,20 @@
 
 `--dataset-dir` is a dataset saved with `save_to_disk` (a Dataset or a DatasetDict) with an
 "image" column (`--image-column` otherwise). Pushing needs a Hugging Face token with write access
-to ORG/NAME, in HF_TOKEN or from `hf auth login`. `--dry-run DIR` pushes nothing and writes the
-same files into DIR instead: `data/{split}-00000-of-00001.parquet` shards and the README.md card;
-`datasets.load_dataset(DIR)` then reads them as it would read the Hub repo.
+to ORG/NAME, in HF_TOKEN or from `hf auth login`. The files are written by `write_hub_files`
+(the layout `push_to_hub` uses: `data/{split}-00000-of-00001.parquet` shards and a README.md
+card, which replaces the repo's README.md) and uploaded in one commit; `--dry-run DIR` uploads nothing and leaves them in DIR, where
+`datasets.load_dataset(DIR)` reads them as it would read the Hub repo.
 
-Anyone can decode the result without knowing which model made it:
+The tokenizer record travels in the card and in every parquet file's schema metadata, so
+anyone can decode the result without knowing which model made it:
 
-    ds = load_dataset("ORG/NAME", split="train")
+    ds = load_dataset("ORG/NAME", split="train")           # the card's record
     images = ds.with_transform(VQGANDetokenizer.from_dataset(ds))
+    stream = load_dataset("parquet", data_files="hf://datasets/ORG/NAME/data/*.parquet",
+                          split="train", streaming=True)   # the files' record
+    detok = VQGANDetokenizer.from_dataset(stream)
+    detok = VQGANDetokenizer.from_dataset("DIR/data/*.parquet")   # files on disk
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import tempfile
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from datasets import load_from_disk
 
-    from vqgan_datasets.hf import VQGANTokenizer, update_dataset_card, write_hub_files
+    from vqgan_datasets.hf import VQGANTokenizer, write_hub_files
 
     dataset = load_from_disk(args.dataset_dir)
     tokenizer = VQGANTokenizer(args.model, image_column=args.image_column,
@@ -52,17 +59,16 @@ def main(argv: list[str] | None = None) -> int:
             print(path)
         return 0
 
-    from huggingface_hub import DatasetCard
+    from huggingface_hub import HfApi
 
-    token = os.environ.get("HF_TOKEN")  # None: huggingface_hub uses the `hf auth login` token
-    tokens.push_to_hub(args.repo_id, token=token, private=args.private)
-    # push_to_hub writes the card's dataset_info without the description that carries our
-    # metadata; put it (and a readable `vqgan_datasets` YAML key) back in a second commit.
-    card = DatasetCard.load(args.repo_id, repo_type="dataset", token=token)
-    update_dataset_card(card, tokens).push_to_hub(
-        args.repo_id, repo_type="dataset", token=token,
-        commit_message="Record the VQGAN tokenizer that made the tokens",
-    )
+    api = HfApi(token=os.environ.get("HF_TOKEN"))  # None: the `hf auth login` token
+    api.create_repo(args.repo_id, repo_type="dataset", private=args.private, exist_ok=True)
+    with tempfile.TemporaryDirectory() as folder:
+        write_hub_files(tokens, folder)
+        # One commit: the shards (replacing an earlier push's) and the card with the record.
+        api.upload_folder(repo_id=args.repo_id, repo_type="dataset", folder_path=folder,
+                          delete_patterns=["data/*.parquet"],
+                          commit_message="Upload VQGAN tokens (vqgan_datasets)")
     print(f"https://huggingface.co/datasets/{args.repo_id}")
     return 0
 

@@ -27,7 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", required=True, help="a folder of images")
     parser.add_argument("--output", required=True, help="where to save the token dataset")
     parser.add_argument("--image-size", type=int, default=None)
-    parser.add_argument("--batch-size", type=int, default=8, help="per device")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="per device (default: the engine's choice for the backend)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 

@@ -1,4 +1,5 @@
-"""Checkpoint files: layouts, Hub cache offline, safetensors/msgpack, digests, taming conversion."""
+"""Checkpoint files: layouts, Hub cache offline, safetensors/msgpack, digests, and the layering
+(checkpoints sits below modeling). taming conversion: tests/test_taming.py."""
 
 from __future__ import annotations
 
@@ -17,11 +18,11 @@ from conftest import TINY
 
 from vqgan_datasets import checkpoints
 from vqgan_datasets.checkpoints import CheckpointError
-from vqgan_datasets.modeling import VQModel
+from vqgan_datasets.modeling import VQModel, param_shapes
 
 
 def _same_params(a, b) -> bool:
-    fa, fb = checkpoints._flatten(a), checkpoints._flatten(b)
+    fa, fb = checkpoints.flatten(a), checkpoints.flatten(b)
     return fa.keys() == fb.keys() and all(np.array_equal(fa[k], fb[k]) for k in fa)
 
 
@@ -63,12 +64,12 @@ def test_vqgan_jax_config_and_legacy_shapes_load(tiny_model, tmp_path):
     del config["value_range"], config["norm_groups"]
     config.update(architectures=["VQGANModel"], transformers_version="4.9.0", model_type="vqgan")
     (tmp_path / "config.json").write_text(json.dumps(config))
-    flat = checkpoints._flatten(tiny_model.params)
+    flat = checkpoints.flatten(tiny_model.params)
     legacy = {
         k: (v.reshape(1, 1, 1, -1) if k[-1] in ("scale",) or ("norm" in k[-2] and k[-1] == "bias") else v)
         for k, v in flat.items()
     }
-    (tmp_path / "flax_model.msgpack").write_bytes(msgpack_serialize(checkpoints._unflatten(legacy)))
+    (tmp_path / "flax_model.msgpack").write_bytes(msgpack_serialize(checkpoints.unflatten(legacy)))
     loaded = VQModel.from_pretrained(str(tmp_path))
     assert loaded.config.value_range == (-1.0, 1.0)
     assert _same_params(loaded.params, tiny_model.params)
@@ -77,12 +78,12 @@ def test_vqgan_jax_config_and_legacy_shapes_load(tiny_model, tmp_path):
 def test_mismatched_params_give_one_readable_diff(tiny_model, tmp_path):
     from flax.serialization import msgpack_serialize
 
-    flat = checkpoints._flatten(tiny_model.params)
+    flat = checkpoints.flatten(tiny_model.params)
     del flat[("encoder", "conv_in", "bias")]
     flat[("encoder", "extra", "kernel")] = np.zeros(3)
     flat[("quantize", "embedding", "embedding")] = np.zeros((10, 16))
     (tmp_path / "config.json").write_text(TINY.to_json_string())
-    (tmp_path / "flax_model.msgpack").write_bytes(msgpack_serialize(checkpoints._unflatten(flat)))
+    (tmp_path / "flax_model.msgpack").write_bytes(msgpack_serialize(checkpoints.unflatten(flat)))
     with pytest.raises(CheckpointError) as info:
         VQModel.from_pretrained(str(tmp_path))
     message = str(info.value)
@@ -207,9 +208,9 @@ def test_msgpack_of_the_wrong_shape_is_refused(tiny_model, tmp_path):
     (tmp_path / "flax_model.msgpack").write_bytes(msgpack_serialize([1, 2, 3]))
     with pytest.raises(CheckpointError, match="expected a tree of named arrays, got list"):
         VQModel.from_pretrained(str(tmp_path))
-    flat = checkpoints._flatten(tiny_model.params)
+    flat = checkpoints.flatten(tiny_model.params)
     flat[("encoder", "conv_in", "bias")] = "not numbers"
-    (tmp_path / "flax_model.msgpack").write_bytes(msgpack_serialize(checkpoints._unflatten(flat)))
+    (tmp_path / "flax_model.msgpack").write_bytes(msgpack_serialize(checkpoints.unflatten(flat)))
     with pytest.raises(CheckpointError, match="encoder/conv_in/bias: expected a float array, got str"):
         VQModel.from_pretrained(str(tmp_path))
 
@@ -218,14 +219,14 @@ def test_msgpack_of_the_wrong_shape_is_refused(tiny_model, tmp_path):
 def test_non_finite_weights_are_refused(tiny_model, tmp_path, fmt, inf):
     from flax.serialization import msgpack_serialize
 
-    flat = {k: np.array(v) for k, v in checkpoints._flatten(tiny_model.params).items()}
+    flat = {k: np.array(v) for k, v in checkpoints.flatten(tiny_model.params).items()}
     flat[("encoder", "mid", "attn_1", "q", "kernel")][0, 0, 1, 2] = np.nan
     flat[("quantize", "embedding", "embedding")][3] = inf
     (tmp_path / "config.json").write_text(TINY.to_json_string())
     if fmt == "safetensors":
         (tmp_path / "model.safetensors").write_bytes(checkpoints._safetensors_bytes(flat))
     else:
-        (tmp_path / "flax_model.msgpack").write_bytes(msgpack_serialize(checkpoints._unflatten(flat)))
+        (tmp_path / "flax_model.msgpack").write_bytes(msgpack_serialize(checkpoints.unflatten(flat)))
     with pytest.raises(CheckpointError) as info:
         VQModel.from_pretrained(str(tmp_path))
     message = str(info.value)
@@ -234,7 +235,7 @@ def test_non_finite_weights_are_refused(tiny_model, tmp_path, fmt, inf):
         "encoder/mid/attn_1/q/kernel, quantize/embedding/embedding)" in message
     # Nor is such a tree written: it could not be read back.
     with pytest.raises(CheckpointError, match="non-finite"):
-        checkpoints.save(tmp_path / "out", TINY, checkpoints._unflatten(flat))
+        checkpoints.save(tmp_path / "out", TINY, checkpoints.unflatten(flat), param_shapes(TINY))
     assert not (tmp_path / "out").exists()
 
 
@@ -253,119 +254,40 @@ def test_known_checkpoint_gets_its_recorded_value_range(tmp_path):
     assert checkpoints.load_config(tmp_path, "anything").value_range == (0.0, 1.0)
 
 
-torch = pytest.importorskip("torch")
+def test_checkpoints_sits_below_modeling():
+    """checkpoints imports no package module but config and storage, not even inside a function:
+    modeling imports it, so anything more could close a circle."""
+    import ast
+
+    tree = ast.parse(Path(checkpoints.__file__).read_text())
+    imported = {node.module for node in ast.walk(tree)
+                if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module}
+    imported |= {alias.name for node in ast.walk(tree)
+                 if isinstance(node, ast.ImportFrom) and node.level == 1 and not node.module
+                 for alias in node.names}
+    imported |= {alias.name.split(".")[1] for node in ast.walk(tree) if isinstance(node, ast.Import)
+                 for alias in node.names if alias.name.startswith("vqgan_datasets.")}
+    assert imported == {"config", "storage"}
 
 
-def _taming_state(model: VQModel) -> dict:
-    """Our tree back to taming's names and layouts (the inverse of the conversion)."""
-    state = {}
-    for key, value in checkpoints._flatten(model.params).items():
-        *path, leaf = key
-        name = ".".join(path)
-        for prefix in ("down", "up", "block", "attn"):
-            name = name.replace(f"{prefix}_", f"{prefix}.")
-        if leaf == "kernel":
-            state[name + ".weight"] = torch.from_numpy(np.asarray(value).transpose(3, 2, 0, 1).copy())
-        elif leaf in ("scale", "embedding"):
-            state[name + ".weight"] = torch.from_numpy(np.asarray(value).copy())
-        else:
-            state[name + ".bias"] = torch.from_numpy(np.asarray(value).copy())
-    return state
+def test_check_params_takes_shape_trees_or_flat_tables(tiny_model):
+    flat = checkpoints.flatten(tiny_model.params)
+    shapes = param_shapes(TINY)
+    table = {k: tuple(np.shape(v)) for k, v in flat.items()}
+    for expected in (shapes, table, checkpoints.unflatten(table)):
+        checkpoints.check_params(flat, expected, origin="x")
+    table[("encoder", "conv_in", "bias")] = (7,)
+    with pytest.raises(CheckpointError, match=r"^x: parameters do not match the config\n"
+                       r"  mis-shaped \(1\): encoder/conv_in/bias: expected \(7,\), got \(32,\)$"):
+        checkpoints.check_params(flat, table, origin="x")
 
 
-def test_convert_plain_state_dict_and_errors(tiny_model, tmp_path):
-    state = _taming_state(tiny_model)
-    torch.save(state, tmp_path / "plain.pt")
-    out = checkpoints.convert_taming_checkpoint(tmp_path / "plain.pt", tmp_path / "m", TINY)
-    assert _same_params(VQModel.from_pretrained(str(out)).params, tiny_model.params)
-    # Architecture read off the weights when no config is given.
-    out2 = checkpoints.convert_taming_checkpoint(tmp_path / "plain.pt", tmp_path / "m2")
-    assert VQModel.from_pretrained(str(out2)).config == TINY.replace(resolution=256, attn_resolutions=(64,))
-    broken = dict(state)
-    broken.pop("encoder.conv_in.bias")
-    broken["decoder.extra.weight"] = torch.zeros(3, 3, 1, 1)
-    torch.save({"state_dict": broken}, tmp_path / "broken.ckpt")
-    with pytest.raises(CheckpointError) as info:
-        checkpoints.convert_taming_checkpoint(tmp_path / "broken.ckpt", tmp_path / "b", TINY)
-    assert "missing (1): encoder/conv_in/bias" in str(info.value)
-    assert "decoder/extra/kernel" in str(info.value)
-
-
-class Payload:
-    """Stands for anything a malicious pickle could construct."""
-
-    def __reduce__(self):
-        return (print, ("side effect from the checkpoint",))
-
-
-def test_pickled_code_is_refused_without_the_flag(tiny_model, tmp_path, capsys):
-    import pickle
-
-    torch.save({"state_dict": _taming_state(tiny_model), "evil": Payload()}, tmp_path / "x.ckpt",
-               pickle_module=pickle)
-    with pytest.raises(CheckpointError, match="builtins.print.*unsafe_pickle=True"):
-        checkpoints.convert_taming_checkpoint(tmp_path / "x.ckpt", tmp_path / "m", TINY)
-    assert "side effect" not in capsys.readouterr().out
-    checkpoints.convert_taming_checkpoint(tmp_path / "x.ckpt", tmp_path / "m", TINY,
-                                          unsafe_pickle=True)
-    assert "side effect" in capsys.readouterr().out
-
-
-class SetattrPayload:
-    """References builtins.setattr, whose name starts with the allowed builtins.set."""
-
-    def __reduce__(self):
-        return (setattr, ([], "append", None))
-
-
-def test_pickle_allow_list_matches_exact_names(tiny_model, tmp_path):
-    import pickle
-
-    torch.save({"state_dict": _taming_state(tiny_model), "evil": SetattrPayload()},
-               tmp_path / "x.ckpt", pickle_module=pickle)
-    with pytest.raises(CheckpointError, match="builtins.setattr"):
-        checkpoints.convert_taming_checkpoint(tmp_path / "x.ckpt", tmp_path / "m", TINY)
-    allowed = checkpoints._is_stubbed
-    assert allowed("builtins.set") and allowed("builtins.frozenset") and allowed("_codecs.encode")
-    assert allowed("pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint")
-    assert allowed("taming.models.vqgan.VQModel") and allowed("numpy.dtype")
-    for name in ("builtins.setattr", "builtins.settrace", "builtins.slice_evil", "tamingx.evil",
-                 "numpy_evil.run", "lightningx.Callback", "_codecs.decode_evil", "os.system"):
-        assert not allowed(name), name
-
-
-def test_taming_conversion_refuses_non_finite_weights(tiny_model, tmp_path):
-    state = _taming_state(tiny_model)
-    state["decoder.conv_out.bias"][1] = float("nan")
-    torch.save(state, tmp_path / "nan.pt")
-    with pytest.raises(CheckpointError, match="non-finite values .NaN or Inf. in decoder/conv_out/bias;"):
-        checkpoints.convert_taming_checkpoint(tmp_path / "nan.pt", tmp_path / "m", TINY)
-    assert not (tmp_path / "m").exists()
-
-
-def test_inferred_config_errors_name_the_checkpoint(tiny_model, tmp_path):
-    state = _taming_state(tiny_model)
-    state["encoder.down.1.block.0.conv1.weight"] = torch.zeros(16, 32, 3, 3)  # ch_mult[1] = 16 // 32
-    torch.save(state, tmp_path / "odd.pt")
-    with pytest.raises(CheckpointError) as info:
-        checkpoints.convert_taming_checkpoint(tmp_path / "odd.pt", tmp_path / "m")
-    message = str(info.value)
-    assert message.startswith(f"{tmp_path / 'odd.pt'}: invalid VQGANConfig: ch_mult[1]: expected an integer >= 1, got 0")
-    assert message.endswith("pass config= (a taming yaml)")
-    del state["encoder.conv_in.weight"]
-    torch.save(state, tmp_path / "odd.pt")
-    with pytest.raises(CheckpointError, match="odd.pt: cannot infer the config: no 'encoder.conv_in.weight'"):
-        checkpoints.convert_taming_checkpoint(tmp_path / "odd.pt", tmp_path / "m")
-
-
-def test_taming_yaml_config(tmp_path):
-    (tmp_path / "model.yaml").write_text(
-        "model:\n  target: taming.models.vqgan.VQModel\n  params:\n    embed_dim: 16\n"
-        "    n_embed: 64\n    ddconfig:\n      double_z: false\n      z_channels: 32\n"
-        "      resolution: 64\n      in_channels: 3\n      out_ch: 3\n      ch: 32\n"
-        "      ch_mult: [1, 2, 2]\n      num_res_blocks: 1\n      attn_resolutions: [16]\n"
-        "      dropout: 0.0\n    lossconfig:\n      target: taming.modules.losses.DummyLoss\n"
-    )
-    from vqgan_datasets.config import VQGANConfig
-
-    assert VQGANConfig.from_taming_yaml(tmp_path / "model.yaml") == TINY
+def test_save_writes_ordinary_files_and_no_temporaries(tiny_model, tmp_path):
+    umask = os.umask(0o022)
+    try:
+        checkpoints.save(tmp_path, TINY, tiny_model.params, param_shapes(TINY))
+    finally:
+        os.umask(umask)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["config.json", "flax_model.msgpack", "model.safetensors"]
+    assert {oct(os.stat(tmp_path / n).st_mode & 0o777) for n in names} == {oct(0o644)}

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -52,9 +55,9 @@ def test_encode_decode_info_through_the_cli(tmp_path, tiny_model_dir, capsys):
 
 def test_convert_through_the_cli(tmp_path, tiny_model, capsys):
     torch = pytest.importorskip("torch")
-    from test_checkpoints import _taming_state
+    from test_taming import taming_state_dict
 
-    torch.save({"state_dict": _taming_state(tiny_model)}, tmp_path / "last.ckpt")
+    torch.save({"state_dict": taming_state_dict(tiny_model)}, tmp_path / "last.ckpt")
     assert cli.main(["convert", str(tmp_path / "last.ckpt"), str(tmp_path / "m")]) == 0
     assert (tmp_path / "m" / "model.safetensors").is_file()
 
@@ -63,3 +66,160 @@ def test_console_script_is_installed():
     out = subprocess.run([sys.executable, "-m", "vqgan_datasets.cli", "--help"],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "encode" in out.stdout
+
+
+# ------------------------------------------------------------------------------ shards: exit status
+
+
+def _png(seed: int, size=(80, 64)) -> bytes:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _tar(path: Path, samples: list[dict]) -> None:
+    import webdataset as wds
+
+    with open(path, "wb") as f, wds.TarWriter(f) as writer:
+        for sample in samples:
+            writer.write(sample)
+
+
+@pytest.fixture(scope="module")
+def shard_run(tmp_path_factory, tiny_model_dir):
+    """`encode` over four input shards: two good ones (one with a member that is no sample),
+    one that is not a tar, one holding an image that cannot be decoded (on_error="raise": that
+    shard fails). Returns (exit status, summary printed, output dir)."""
+    root = tmp_path_factory.mktemp("cli_shards")
+    (root / "in").mkdir()
+    _tar(root / "in" / "shard-00000.tar",
+         [{"__key__": "s0", "png": _png(0)}, {"__key__": "s1", "png": _png(1)}])
+    _tar(root / "in" / "shard-00001.tar", [{"__key__": "s2", "png": _png(2)}])
+    with tarfile.open(root / "in" / "shard-00001.tar", "a") as tar:  # not a sample: counted
+        info = tarfile.TarInfo("notes")
+        info.size = 2
+        tar.addfile(info, io.BytesIO(b"hi"))
+    (root / "in" / "shard-00002.tar").write_bytes(b"this is not a tar file" * 40)
+    _tar(root / "in" / "shard-00003.tar",
+         [{"__key__": "s3", "png": _png(3)}, {"__key__": "bad", "jpg": b"not a jpeg"}])
+    out = root / "tok"
+    capture = io.StringIO()
+    with contextlib.redirect_stdout(capture):
+        status = cli.main(["encode", str(root / "in" / "shard-{00000..00003}.tar"), str(out),
+                           "--model", str(tiny_model_dir), "--quiet"])
+    return status, json.loads(capture.getvalue()), out
+
+
+def test_encode_exits_non_zero_when_shards_fail_and_counts_them(shard_run, capsys):
+    status, summary, out = shard_run
+    assert status == cli.EXIT_INCOMPLETE == 3
+    assert summary["complete"] is False
+    assert summary["shards"] == 2 and summary["shards_written"] == 2
+    assert summary["shards_failed"] == 2
+    assert summary["samples_in"] == summary["encoded"] == 3
+    assert summary["skipped"] == summary["failed"] == 0
+    assert summary["members_skipped"] == {"no extension": 1}
+    failed = {Path(s["url"]).name: s["error"] for s in summary["failed_shards"]}
+    assert set(failed) == {"shard-00002.tar", "shard-00003.tar"}
+    assert "bad" in failed["shard-00003.tar"]
+    assert summary["manifest"] == str(out / "manifest.json")
+    assert sorted(p.name for p in out.glob("*.tar")) == ["shard-00000.tar", "shard-00001.tar"]
+
+
+def test_rerun_of_a_complete_output_exits_zero(shard_run, tiny_model_dir, tmp_path, capsys):
+    _, _, out = shard_run
+    good = out.parent / "in" / "shard-{00000..00001}.tar"
+    assert cli.main(["encode", str(good), str(out), "--model", str(tiny_model_dir),
+                     "--quiet"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["complete"] is True and summary["shards_failed"] == 0
+    assert summary["shards"] == summary["shards_finished_before"] == 2
+    assert summary["samples_in"] == 3
+
+
+def test_decode_token_shards_finds_the_model_in_their_records(shard_run, tmp_path, capsys):
+    _, _, out = shard_run
+    # A folder of token shards, and a brace pattern, both without --model.
+    assert cli.main(["decode", str(out), str(tmp_path / "a"), "--quiet"]) == 0
+    assert json.loads(capsys.readouterr().out)["images"] == 3
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["s0.png", "s1.png", "s2.png"]
+    pattern = str(out / "shard-{00000..00001}.tar")
+    assert cli.main(["decode", pattern, str(tmp_path / "b"), "--limit", "2"]) == 0
+    assert json.loads(capsys.readouterr().out)["images"] == 2
+    # Only the manifest left: still found.
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("shard-00000.tar", "manifest.json"):
+        (bare / name).write_bytes((out / name).read_bytes())
+    assert cli.main(["decode", str(bare / "shard-00000.tar"), str(tmp_path / "c")]) == 0
+    assert json.loads(capsys.readouterr().out)["images"] == 2
+    # No record at all: the message says to pass --model.
+    (bare / "manifest.json").unlink()
+    assert cli.main(["decode", str(bare), str(tmp_path / "d")]) == 1
+    err = capsys.readouterr().err
+    assert "--model" in err and "manifest.json" in err  # where it looked
+
+
+def test_decode_refuses_a_model_other_than_the_recorded_one(shard_run, tmp_path, tiny_config,
+                                                           capsys):
+    from vqgan_datasets.modeling import VQModel
+
+    _, _, out = shard_run
+    other = tmp_path / "other"
+    VQModel(tiny_config, seed=1).save_pretrained(other)
+    assert cli.main(["decode", str(out), str(tmp_path / "x"), "--model", str(other)]) == 1
+    assert "weights differ" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------ options anywhere
+
+
+def test_global_options_before_or_after_the_command(tmp_path):
+    parse = cli._parser().parse_args
+    for argv in (["--quiet", "encode", "in", "out"], ["encode", "in", "out", "--quiet"],
+                 ["encode", "--quiet", "in", "out", "--model", "M"]):
+        args = parse(argv)
+        assert args.quiet and not args.debug, argv
+    assert parse(["decode", "t", "d", "--debug"]).debug
+    assert parse(["--debug", "info"]).debug and not parse(["info"]).debug
+    with pytest.raises(FileNotFoundError):  # --debug after the command: the traceback
+        cli.main(["encode", str(tmp_path / "nowhere"), str(tmp_path / "out"), "--debug"])
+
+
+def test_encode_defaults_match_python_and_new_options_parse():
+    args = cli._parser().parse_args(["encode", "in", "out"])
+    assert args.on_error == "raise" and args.preprocess == "exact" and args.workers is None
+    args = cli._parser().parse_args(["encode", "in", "out", "--preprocess", "fast",
+                                     "--workers", "0", "--on-error", "null"])
+    options = cli._encode_options(args)
+    assert (options.preprocess, options.workers, options.on_error) == ("fast", 0, "null")
+
+
+def test_help_documents_the_exit_status(capsys):
+    for argv in (["--help"], ["encode", "--help"]):
+        with pytest.raises(SystemExit):
+            cli.main(argv)
+        out = capsys.readouterr().out
+        assert "exit status" in out.lower() and "3" in out, argv
+
+
+def test_encode_a_dataset_with_bad_images(tmp_path, tiny_model_dir, capsys):
+    """Per-sample failures under skip/null are the user's choice: exit 0, counted; under the
+    default "raise" the command fails with exit 1 naming the file."""
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "good.png").write_bytes(_png(5))
+    (images / "broken.png").write_bytes(b"not a png")
+    args = [str(images), str(tmp_path / "t"), "--model", str(tiny_model_dir), "--quiet"]
+    assert cli.main(["encode", *args, "--on-error", "null"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["complete"] is True
+    assert (summary["rows_in"], summary["encoded"], summary["nulls"]) == (2, 1, 1)
+    assert cli.main(["encode", *args[:1], str(tmp_path / "t2"), *args[2:]]) == 1
+    assert "broken.png" in capsys.readouterr().err

@@ -35,16 +35,16 @@ HOST_SCRIPT = textwrap.dedent("""
     assert distributed.initialize(f"127.0.0.1:{port}", 2, index, heartbeat_timeout_seconds=6)
     assert distributed.initialize(f"127.0.0.1:{port}", 2, index)  # a second call: no-op
 
+    hang = None
     if stall != "-" and index == 1:
         def hang(url, written):
             # Freeze inside this host's shard after one sample is written, until killed.
             pathlib.Path(stall).touch()
             time.sleep(600)
-        shards._after_sample_hook = hang
 
     model = VQModel.from_pretrained(model_dir)
     manifest = shards.tokenize_shards(inputs.split(","), out, model=model, batch_size=2,
-                                      progress=False)
+                                      progress=False, on_sample_written=hang)
     distributed.barrier("test:after", timeout_s=60)  # the coordination-service barrier too
     import jax
     print(json.dumps({

@@ -19,10 +19,12 @@ import pytest
 from flax import traverse_util
 
 from vqgan_datasets import engine as engine_lib
+from vqgan_datasets import engine_settings
 from vqgan_datasets.config import VQGANConfig
 from vqgan_datasets.engine import Engine, get_engine
 from vqgan_datasets.images import ImageDecodeError
 from vqgan_datasets.modeling import VQModel
+from vqgan_datasets.workers import default_workers
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -158,13 +160,6 @@ def test_stream_and_decode_on_8_devices(multi_device):
 
 
 # -- one device ----------------------------------------------------------------------------
-
-
-def test_buckets():
-    assert engine_lib._bucket_sizes(1, 8) == (8,)
-    assert engine_lib._bucket_sizes(3, 8) == (8, 16, 24)
-    assert engine_lib._bucket_sizes(64, 1) == (1, 2, 4, 8, 16, 32, 64)
-    assert engine_lib._bucket_sizes(5, 2) == (2, 4, 8, 10)
 
 
 def test_encode_matches_plain_path_and_counts(engine, model):
@@ -332,3 +327,96 @@ def test_close_and_context_manager(model):
         assert [r.key for r in local.encode_iter(_images(3), image_size=SIZE)] == [0, 1, 2]
         assert local._load_pool is not None
     assert local._load_pool is None
+
+
+# -- defaults, preprocessing workers, time bound ----------------------------------------------
+
+
+def test_engine_defaults_on_this_host(model):
+    # The defaults themselves are tested in test_engine_settings.py.
+    assert engine_lib.default_batch_size is engine_settings.default_batch_size  # still here
+    local = Engine(model)
+    assert local.batch_size == 8 and local.workers == default_workers()  # CPU here
+    assert local.sample_timeout_s == 60.0
+
+
+def test_get_engine_resolves_defaults_into_its_key(model):
+    import jax
+
+    first = get_engine(model)
+    assert first.batch_size == 8
+    same = get_engine(model, batch_size=8, devices=jax.local_devices(), workers=default_workers(),
+                      sample_timeout_s=60, num_threads=min(8, os.cpu_count() or 1))
+    assert same is first
+    assert get_engine(model, workers=0) is not first
+    with pytest.raises(ValueError, match="sample_timeout_s must be > 0"):
+        get_engine(model, sample_timeout_s=0)
+    with pytest.raises(ValueError, match="workers must be >= 0"):
+        Engine(model, workers=-1)
+
+
+def test_threads_and_processes_give_the_same_tokens(engine, model):
+    from PIL import Image
+
+    inputs = [_images(1, 12, seed=3)[0], Image.fromarray(_images(1, 10, seed=4)[0]),
+              b"junk", _images(1, seed=5)[0]]
+    on_processes = list(engine.encode_iter(inputs, image_size=SIZE, on_error="null"))
+    assert engine._load_pool.mode == "processes"
+    with Engine(model, batch_size=4, workers=0, num_threads=2) as threaded:
+        on_threads = list(threaded.encode_iter(inputs, image_size=SIZE, on_error="null"))
+        assert threaded._load_pool.mode == "threads" and threaded._load_pool.pids == []
+    for a, b in zip(on_processes, on_threads, strict=True):
+        assert a.key == b.key and a.error == b.error
+        assert (a.tokens is None and b.tokens is None) or np.array_equal(a.tokens, b.tokens)
+    assert on_processes[2].error.startswith("cannot identify image file")
+
+
+def test_preprocess_mode_and_deprecated_draft(engine, monkeypatch):
+    x = list(_images(3))
+    with pytest.raises(ValueError, match="preprocess must be one of"):
+        engine.encode_iter(x, image_size=SIZE, preprocess="quick")
+    monkeypatch.setattr(engine_lib, "_draft_warned", False)
+    with pytest.warns(DeprecationWarning, match="draft=.*deprecated.*preprocess='fast'"):
+        drafted = list(engine.encode_iter(x, image_size=SIZE, draft=True))
+    assert np.array_equal(np.stack([r.tokens for r in drafted]), engine.encode(np.stack(x)))
+
+
+def _worker_children(pids) -> list[int]:
+    return [pid for pid in pids if os.path.exists(f"/proc/{pid}")]
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="needs /proc")
+def test_a_slow_sample_fails_with_its_key_and_the_stream_goes_on(model):
+    from test_workers import slow_jpeg
+
+    inputs = [_images(1, seed=1)[0], slow_jpeg(), _images(1, seed=2)[0], _images(1, seed=3)[0]]
+    keys = ["a", "slow", "c", "d"]
+    with Engine(model, batch_size=2, workers=1, sample_timeout_s=1.0) as local:
+        results = list(local.encode_iter(inputs, image_size=SIZE, keys=keys, on_error="null"))
+        assert [r.key for r in results] == keys
+        assert results[1].tokens is None
+        assert results[1].error.startswith("took longer than 1 s to preprocess")
+        good = np.stack([inputs[i] for i in (0, 2, 3)])
+        assert np.array_equal(np.stack([results[i].tokens for i in (0, 2, 3)]), local.encode(good))
+        with pytest.raises(ImageDecodeError, match="'slow'.*took longer than 1 s"):
+            list(local.encode_iter(inputs, image_size=SIZE, keys=keys))
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="needs /proc")
+def test_no_worker_processes_left_after_a_failure_mid_stream_and_close(model):
+    import multiprocessing
+
+    local = Engine(model, batch_size=2, workers=2)
+    inputs = [*_images(5), b"broken", *_images(6)]
+    stream = local.encode_iter(inputs, image_size=SIZE)
+    with pytest.raises(ImageDecodeError, match="sample 5"):
+        for _ in stream:
+            pass
+    pids = local._load_pool.pids
+    assert len(pids) == 2
+    early = local.encode_iter(iter(_images(40)), image_size=SIZE)
+    next(early)
+    early.close()  # generator close mid-stream: queued batches are cancelled
+    local.close()
+    assert local._load_pool is None
+    assert _worker_children(pids) == [] and multiprocessing.active_children() == []

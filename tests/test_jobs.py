@@ -1,4 +1,5 @@
-"""Whole jobs on disk: image sources, encode → decode, preview, report, info, convert, demo."""
+"""Whole jobs on disk: encode → decode, preview, report, info, convert, demo. Telling sources
+apart and opening them: test_inputs.py."""
 
 from __future__ import annotations
 
@@ -26,31 +27,6 @@ def folder(tmp_path_factory):
         shutil.copy(SAMPLES / f"{name}.jpg", root / f"{name}.jpg")
     shutil.copy(SAMPLES / "chelsea.jpg", root / "sub" / "chelsea.jpg")
     return root
-
-
-def test_open_images_reads_every_kind_of_source(folder, tmp_path):
-    from_folder = jobs.open_images(folder)
-    assert from_folder["file_name"] == ["astronaut.jpg", "coffee.jpg", "sub/chelsea.jpg"]
-    saved = tmp_path / "saved"
-    from_folder.save_to_disk(str(saved))
-    assert jobs.open_images(saved)["file_name"] == from_folder["file_name"]
-    embedded = from_folder.cast_column("image", datasets.Image())
-    embedded.to_parquet(str(tmp_path / "data.parquet"))
-    from_parquet = jobs.open_images(tmp_path / "data.parquet")
-    assert len(from_parquet) == 3
-    assert jobs.open_images(f"imagefolder:{folder}").num_rows == 3
-    assert jobs.open_images(folder / "coffee.jpg")["file_name"] == ["coffee.jpg"]
-    with pytest.raises(FileNotFoundError, match="not an image folder"):
-        jobs.open_images(tmp_path / "missing")
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match="no images"):
-        jobs.open_images(tmp_path / "empty")
-
-
-def test_shard_sources_are_recognised():
-    assert jobs.is_shard_source("data/{00000..00009}.tar")
-    assert jobs.is_shard_source("pipe:curl -s http://x/a.tar")
-    assert not jobs.is_shard_source("photos/")
 
 
 def test_encode_decode_round_trip(folder, tmp_path, tiny_model_dir, tiny_model):
@@ -90,3 +66,96 @@ def test_demo_runs_the_quickstart_job(tmp_path, tiny_model_dir):
     assert result["tokens"]["rows_out"] == len(list(SAMPLES.glob("*.jpg")))
     assert Path(result["preview"]).is_file()
     assert len(list((tmp_path / "out" / "decoded").glob("*.png"))) == result["tokens"]["rows_out"]
+
+
+# ------------------------------------------------------------------------------ decoded file names
+
+
+def _token_rows(count: int) -> np.ndarray:
+    return np.random.default_rng(0).integers(0, 64, (count, 256), dtype=np.uint8)
+
+
+HOSTILE_KEYS = ["a/b", "a_b", "k" * 300, "../up", "/abs/path", "A_B", "dup", "dup", ""]
+
+
+def _check_names(out: Path, summary: dict, count: int) -> list[str]:
+    files = sorted(p for p in out.rglob("*") if p.is_file())
+    assert summary["images"] == len(files) == count
+    assert all(p.parent == out for p in files)  # nothing outside, no subfolders
+    names = [p.name for p in files]
+    assert len({n.casefold() for n in names}) == count  # distinct on any file system
+    assert all(len(n.encode()) <= 255 and not n.startswith(".") for n in names)
+    return names
+
+
+def test_decoded_file_names_never_collide(tmp_path, tiny_model_dir):
+    """Keys that flatten to one name, a key too long for a file name, traversal and absolute
+    names: one safe, distinct file each, and the summary counts the files written."""
+    from vqgan_datasets.handle import ModelHandle
+    from vqgan_datasets.hf import write_metadata
+
+    count = len(HOSTILE_KEYS)
+    dataset = datasets.Dataset.from_dict(
+        {"__key__": HOSTILE_KEYS, "vqgan_tokens": _token_rows(count).tolist()},
+        features=datasets.Features({"__key__": datasets.Value("string"),
+                                    "vqgan_tokens": datasets.Sequence(datasets.Value("uint8"))}),
+    )
+    write_metadata(dataset, ModelHandle(str(tiny_model_dir)).spec())
+    dataset.save_to_disk(str(tmp_path / "tokens"))
+    summary = jobs.decode(tmp_path / "tokens", tmp_path / "out")
+    names = _check_names(tmp_path / "out", summary, count)
+    assert "a_b.png" in names and "up.png" not in names
+    assert summary["renamed"] >= 4  # a_b or a/b, A_B, the long key, the second dup
+
+
+def test_decoded_file_names_from_token_shards(tmp_path, tiny_model_dir):
+    """The same for token shards (no record: the model is given)."""
+    import io
+
+    import webdataset as wds
+
+    keys = ["a/b", "a_b", "k" * 300]
+    with open(tmp_path / "tok.tar", "wb") as f, wds.TarWriter(f) as writer:
+        for key, row in zip(keys, _token_rows(3), strict=True):
+            buffer = io.BytesIO()
+            np.save(buffer, row)
+            writer.write({"__key__": key, "vqgan.npy": buffer.getvalue()})
+    with pytest.raises(ValueError, match="no tokenizer record.*--model"):
+        jobs.decode(tmp_path / "tok.tar", tmp_path / "none")
+    summary = jobs.decode(tmp_path / "tok.tar", tmp_path / "out", model=str(tiny_model_dir))
+    names = _check_names(tmp_path / "out", summary, 3)
+    assert "a_b.png" in names and any(n.startswith("a_b-") for n in names)
+
+
+def test_encode_takes_encode_options(folder, tmp_path, tiny_model_dir):
+    from vqgan_datasets.options import EncodeOptions
+
+    options = EncodeOptions(on_error="null", keep_image=True, workers=0, batch_size=2)
+    summary = jobs.encode(folder, tmp_path / "t", model=str(tiny_model_dir), options=options,
+                          keep_image=False, progress=False)  # a keyword overrides options
+    assert summary["complete"] and summary["rows_out"] == summary["encoded"] == 3
+    assert datasets.load_from_disk(str(tmp_path / "t")).column_names == [
+        "file_name", "vqgan_tokens", "vqgan_tokens_error"]
+
+
+def test_decode_finds_the_record_in_a_hub_layout(tmp_path, tiny_model_dir):
+    """`push_to_hub --dry-run DIR` output (data/*.parquet and a README.md card): decoded
+    without a model, from the folder or from a parquet file in it. Tokens with no record at
+    all: the message says to pass --model, and with one they decode."""
+    from vqgan_datasets.handle import ModelHandle
+    from vqgan_datasets.hf import write_hub_files, write_metadata
+
+    dataset = datasets.Dataset.from_dict({"file_name": ["x.jpg", "y.jpg"],
+                                          "vqgan_tokens": _token_rows(2).tolist()})
+    write_metadata(dataset, ModelHandle(str(tiny_model_dir)).spec())
+    files = write_hub_files(dataset, tmp_path / "hub")
+    assert jobs.decode(tmp_path / "hub", tmp_path / "a")["images"] == 2
+    parquet = next(p for p in files if p.suffix == ".parquet")
+    assert jobs.decode(parquet, tmp_path / "b", limit=1)["images"] == 1
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["x.png", "y.png"]
+    bare = datasets.Dataset.from_dict({"vqgan_tokens": _token_rows(2).tolist()})
+    bare.to_parquet(str(tmp_path / "bare.parquet"))
+    with pytest.raises(ValueError, match="pass --model"):
+        jobs.decode(tmp_path / "bare.parquet", tmp_path / "c")
+    summary = jobs.decode(tmp_path / "bare.parquet", tmp_path / "c", model=str(tiny_model_dir))
+    assert summary["images"] == 2

@@ -79,7 +79,7 @@ def taming():
 
 @pytest.fixture(scope="module", params=sorted(PARITY_CONFIGS))
 def parity_pair(request, tmp_path_factory, taming):
-    from vqgan_datasets.checkpoints import convert_taming_checkpoint
+    from vqgan_datasets.taming import convert_taming_checkpoint
 
     TamingVQGAN, nhwc_to_nchw = taming.TamingVQGAN, taming.nhwc_to_nchw
     config = PARITY_CONFIGS[request.param]
@@ -125,7 +125,7 @@ def test_decoder_matches_reference(parity_pair, taming):
 
 
 def test_inferred_config_matches(parity_pair, tmp_path, taming):
-    from vqgan_datasets.checkpoints import infer_taming_config, load_taming_state_dict
+    from vqgan_datasets.taming import infer_taming_config, load_taming_state_dict
 
     config, ref, *_ = parity_pair
     save_taming_checkpoint(ref, tmp_path / "x.ckpt")

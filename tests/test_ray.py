@@ -111,6 +111,22 @@ def test_tokenize_on_actors_matches_tokenize_shards_and_a_rerun_writes_nothing(
         vqray.tokenize(urls, tmp_path / "ray", model=model, keep_image=True)
 
 
+def exit_once_after(count: int, path: str):
+    """A callback that makes the first worker to write its `count`-th sample of a shard create
+    `path` and exit at once, as a killed actor would; the file makes it happen once, not again
+    in the actor Ray restarts. A closure, so that Ray pickles it by value."""
+
+    def hook(url: str, written: int) -> None:
+        if written >= count:
+            try:
+                os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            except FileExistsError:
+                return
+            os._exit(1)
+
+    return hook
+
+
 def test_an_actor_killed_mid_shard_is_retried_and_every_sample_is_written_once(
         shards, samples, reference, tiny_model_dir, tmp_path, caplog):
     root, urls = shards
@@ -119,9 +135,8 @@ def test_an_actor_killed_mid_shard_is_retried_and_every_sample_is_written_once(
     out = tmp_path / "out"
     # The first worker to write its 2nd sample of a shard dies there (os._exit), leaving a
     # temporary tar; Ray restarts the actor and retries the task.
-    fault = {"runtime_env": {"env_vars": {"_VQGAN_DATASETS_TEST_EXIT_AFTER": f"2:{marker}"}}}
     manifest = vqray.tokenize(urls, out, model=str(tiny_model_dir), batch_size=BATCH,
-                              num_actors=2, ray_remote_args=fault)
+                              num_actors=2, on_sample_written=exit_once_after(2, str(marker)))
     assert marker.exists()  # an actor did die mid-shard
     assert [s.status for s in manifest.shards] == ["written"] * 3
     # The dead attempt's temporary tar was left behind, then swept after the run.
@@ -139,7 +154,7 @@ def test_ray_tokenizer_in_process_inputs_and_policies(model, samples, reference)
     keys = [s["__key__"] for s in samples[:4]]
     raw = [image_of(s) for s in samples[:4]]
     want = np.stack([reference[k] for k in keys])
-    tok = vqray.RayTokenizer(model, image_column="jpg", batch_size=BATCH)
+    tok = vqray.RayTokenizer(model, image_column="jpg", batch_size=BATCH, on_error="null")
 
     bad = np.empty(5, dtype=object)
     bad[:] = raw[:2] + [b"not an image"] + raw[2:]
@@ -187,7 +202,8 @@ def test_ray_tokenizer_in_map_batches_over_ray_datasets(samples, reference, tiny
     keys = [s["__key__"] for s in samples[:4]]
     for key, sample in zip(keys, samples[:4], strict=True):
         (folder / f"{key}.{'jpg' if 'jpg' in sample else 'png'}").write_bytes(image_of(sample))
-    common = dict(fn_constructor_kwargs={"model": str(tiny_model_dir), "batch_size": BATCH},
+    common = dict(fn_constructor_kwargs={"model": str(tiny_model_dir), "batch_size": BATCH,
+                                         "on_error": "null"},
                   batch_size=3, batch_format="numpy",
                   compute=ray.data.ActorPoolStrategy(size=1), num_gpus=0)
 

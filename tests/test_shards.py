@@ -1,4 +1,5 @@
-"""shards.py: shard-to-shard conversion, resume after a kill, failures, fsspec and pipe URLs."""
+"""shards.py: whole runs (tokenize_shards), resume after a kill, failures, fsspec and pipe URLs,
+splits across processes."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ import pathlib
 import signal
 import subprocess
 import sys
-import tarfile
 import textwrap
+import threading
 import time
 
 import fsspec
@@ -19,7 +20,6 @@ import webdataset as wds
 from test_wds import (
     BATCH,
     check_outputs,
-    make_samples,
     read_tar,
     snapshot,
     tokens_of,
@@ -27,21 +27,10 @@ from test_wds import (
 )
 from webdataset.gopen import gopen_schemes
 
+from vqgan_datasets import distributed
 from vqgan_datasets import shards as vqshards
-from vqgan_datasets import wds as vqwds
-from vqgan_datasets.engine import get_engine
 from vqgan_datasets.metadata import METADATA_KEY
 from vqgan_datasets.modeling import VQModel
-
-
-def test_wds_keeps_the_shard_names():
-    """README and examples import tokenize_shards & co. from vqgan_datasets.wds."""
-    for name in ("tokenize_shards", "convert_shard", "Manifest", "ShardReport", "ShardOptions",
-                 "ShardReadError", "read_shard", "expand_urls", "open_url", "register_fsspec",
-                 "write_manifest"):
-        assert getattr(vqwds, name) is getattr(vqshards, name)
-    with pytest.raises(AttributeError, match="no_such_name"):
-        vqwds.no_such_name  # noqa: B018
 
 
 def test_tokenize_shards_writes_resumable_outputs(model, shards, samples, reference, tmp_path):
@@ -109,7 +98,7 @@ def test_tokenize_shards_bad_samples_empty_and_truncated_shards(model, samples, 
     out = tmp_path / "out"
 
     manifest = vqshards.tokenize_shards([bad_url, empty_url, cut_url], out, model=model,
-                                     batch_size=BATCH, progress=False)
+                                        batch_size=BATCH, on_error="skip", progress=False)
     assert [s.status for s in manifest.shards] == ["written", "written", "failed"]
     written = read_tar(out / "bad.tar")
     assert [s["__key__"] for s in written] == ["sample_0000", "sample_0002"]
@@ -128,7 +117,7 @@ def test_tokenize_shards_bad_samples_empty_and_truncated_shards(model, samples, 
 
     # A rerun retries only the shard that did not finish.
     again = vqshards.tokenize_shards([bad_url, empty_url, cut_url], out, model=model,
-                                  batch_size=BATCH, progress=False)
+                                     batch_size=BATCH, on_error="skip", progress=False)
     assert [s.status for s in again.shards] == ["finished", "finished", "failed"]
 
     null = vqshards.tokenize_shards([bad_url], tmp_path / "null", model=model, batch_size=BATCH,
@@ -139,14 +128,21 @@ def test_tokenize_shards_bad_samples_empty_and_truncated_shards(model, samples, 
     assert "vqgan.npy" not in written[1] and written[1]["vqgan_error"]
     assert written[1]["txt"] == b"cut"
 
-    with pytest.raises(vqwds.SampleError) as info:
-        vqshards.tokenize_shards([bad_url], tmp_path / "raise", model=model, batch_size=BATCH,
-                              on_error="raise", progress=False)
-    assert info.value.key == "broken" and bad_url in str(info.value)
-    assert not [n for n in os.listdir(tmp_path / "raise") if n.endswith(".tar") or ".tmp-" in n]
-    with pytest.raises(vqshards.ShardReadError, match="cut.tar"):
-        vqshards.tokenize_shards([cut_url], tmp_path / "raise", model=model, on_error="raise",
-                              progress=False)
+    # on_error="raise" (the default): the shard fails, naming the sample, and the run goes on;
+    # nothing of it is written, so a rerun retries it. An unreadable shard fails the same way.
+    raised = vqshards.tokenize_shards([bad_url, empty_url], tmp_path / "raise", model=model,
+                                      batch_size=BATCH, progress=False)
+    assert [s.status for s in raised.shards] == ["failed", "written"]
+    failed = raised.shards[0]
+    assert "'broken'" in failed.error and bad_url in failed.error
+    assert [e["key"] for e in failed.errors] == ["broken"]
+    assert not [n for n in os.listdir(tmp_path / "raise")
+                if n.startswith("bad.") or ".tmp-" in n]
+    cut = vqshards.tokenize_shards([cut_url], tmp_path / "raise", model=model, on_error="raise",
+                                   progress=False)
+    assert cut.shards[0].status == "failed" and "cut.tar" in cut.shards[0].error
+    with pytest.raises(ValueError, match="on_error"):
+        vqshards.tokenize_shards([cut_url], tmp_path / "raise", model=model, on_error="ignore")
 
 
 def test_tokenize_shards_splits_shards_across_processes(model, shards, tmp_path):
@@ -165,8 +161,8 @@ def test_tokenize_shards_splits_shards_across_processes(model, shards, tmp_path)
     assert merged.totals["encoded"] == 10 and merged.spec["weights_digest"] == model.weights_digest
     on_disk = json.loads((tmp_path / "manifest.json").read_text())
     assert [s["url"] for s in on_disk["shards"]] == urls
-    assert vqshards._assign(10, (1, 3), (0, 1)) == [1, 4, 7]
-    assert vqshards._assign(10, (1, 3), (1, 2)) == [4]  # then across DataLoader workers
+    assert distributed.assign(10, (1, 3), (0, 1)) == [1, 4, 7]
+    assert distributed.assign(10, (1, 3), (1, 2)) == [4]  # then across DataLoader workers
     with pytest.raises(ValueError, match="process_index"):
         vqshards.tokenize_shards(urls, tmp_path, model=model, process_index=2, process_count=2)
 
@@ -213,9 +209,8 @@ RESUME_SCRIPT = textwrap.dedent("""
             pathlib.Path(marker).touch()
             time.sleep(600)
 
-    shards._after_sample_hook = stall
     shards.tokenize_shards(pattern, out, model=VQModel.from_pretrained(model_dir), batch_size=2,
-                        progress=False)
+                           progress=False, on_sample_written=stall)
 """)
 
 
@@ -252,9 +247,14 @@ def test_resume_after_sigkill_writes_every_sample_once(model, shards, samples, r
     assert "shard-00000.stats.json" in left and "shard-00001.stats.json" not in left
     assert "shard-00001.tar" not in left and any(n.startswith(".shard-00001.tar.tmp-") for n in left)
 
+    # The killed run also left its claim on the shard and its run record (dead: taken over).
+    assert ".shard-00001.tar.claim" in left
+    assert any(n.startswith(".vqgan-datasets-run-") for n in left)
+
     manifest = vqshards.tokenize_shards(pattern, out, model=model, batch_size=BATCH, progress=False)
     assert [s.status for s in manifest.shards] == ["finished", "written", "written"]
     assert not [n for n in os.listdir(out) if ".tmp-" in n]
+    assert not [n for n in os.listdir(out) if n.startswith(".")]  # no claim, no run record
     # Encoded on two devices before the kill, one after: the same tokens, each sample once.
     check_outputs([out / f"shard-{i:05d}.tar" for i in range(3)], samples, reference)
 
@@ -275,44 +275,68 @@ def test_example_script_runs(model, shards, tiny_model_dir, tmp_path, monkeypatc
     assert "tokenize_shards: 2 shards written" in caplog.text
 
 
-def test_tarfile_format_details(model, tmp_path):
-    """Outputs are plain tars that tarfile and webdataset both read: one member per field."""
-    sample = make_samples()[0]
-    url = write_tar(tmp_path / "one.tar", [sample])
-    vqshards.tokenize_shards(url, tmp_path / "o", model=model, batch_size=BATCH, progress=False)
-    with tarfile.open(tmp_path / "o" / "one.tar") as tar:
-        assert sorted(tar.getnames()) == ["sample_0000.json", "sample_0000.txt",
-                                          "sample_0000.vqgan.npy"]
+def _in_thread(function, **kwargs) -> tuple[threading.Thread, dict]:
+    result: dict = {}
+
+    def run():
+        try:
+            result["manifest"] = function(**kwargs)
+        except BaseException as e:  # reported by the test
+            result["error"] = e
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, result
 
 
-def test_convert_shard_is_the_one_commit(model, shards, samples, reference, tmp_path):
-    """convert_shard alone (what a Ray worker calls): engine or model, with or without a listing."""
+def test_two_runs_into_one_folder_share_it_and_other_weights_are_refused(
+        model, shards, samples, reference, tmp_path):
+    """Issue 15.5: a second run's cleanup deleted the first run's temporary file (the first
+    died with FileNotFoundError), and two runs with other weights both exited 0, one
+    overwriting the other. Now a run with the same settings takes the shards the other does
+    not hold and waits for the rest: both end cleanly, every sample written once. A run with
+    other weights is refused at start, naming both runs, and writes nothing."""
     root, urls = shards
-    target = str(tmp_path / "one.tar")
-    engine = get_engine(model, batch_size=BATCH)
-    options = vqshards.ShardOptions(batch_size=BATCH)
-    seen = []
-    report = vqshards.convert_shard(urls[1], target, model=engine, options=options,
-                                    progress=seen.append)
-    assert report.status == "written" and report.encoded == 3 and sum(seen) == 3
-    check_outputs([target], samples[4:7], reference)
-    before = snapshot(tmp_path)
+    out = tmp_path / "out"
+    first_in_1, second_in_2, go_on = threading.Event(), threading.Event(), threading.Event()
 
-    # A fresh look (no listing) finds it finished and leaves it alone; so does a model path.
-    again = vqshards.convert_shard(urls[1], target, model=model, options=options)
-    assert again.status == "finished" and again.encoded == 3
-    assert snapshot(tmp_path) == before
+    def first_stalls(url, written):  # holds shard 1 (a temporary file live) until told
+        if url.endswith("shard-00001.tar") and not first_in_1.is_set():
+            first_in_1.set()
+            assert go_on.wait(120)
 
-    # With a listing, leftovers of an interrupted attempt go; overwrite redoes the shard.
-    (tmp_path / ".one.tar.tmp-123-deadbeef").write_bytes(b"partial")
-    redo = vqshards.ShardOptions(batch_size=BATCH, overwrite=True)
-    report = vqshards.convert_shard(urls[1], target, model=engine, options=redo,
-                                    listing=set(os.listdir(tmp_path)))
-    assert report.status == "written"
-    assert sorted(os.listdir(tmp_path)) == ["one.stats.json", "one.tar"]
-    check_outputs([target], samples[4:7], reference)
+    def second_goes(url, written):
+        if url.endswith("shard-00002.tar"):
+            second_in_2.set()
+            go_on.set()
 
-    with pytest.raises(ValueError, match="on_error"):
-        vqshards.ShardOptions(on_error="ignore")
-    with pytest.raises(ValueError, match="image_key"):
-        vqshards.ShardOptions(image_key=";")
+    first, one = _in_thread(vqshards.tokenize_shards, inputs=urls, output=out, model=model,
+                            batch_size=BATCH, progress=False, on_sample_written=first_stalls)
+    try:
+        assert first_in_1.wait(120), one
+        assert [n for n in os.listdir(out) if n.startswith(".shard-00001.tar.tmp-")]
+
+        other = VQModel(model.config, {**model.params}, dtype=model.dtype)
+        other._digest = "sha256:" + "0" * 64
+        with pytest.raises(vqshards.OutputInUseError) as refused:
+            vqshards.tokenize_shards(urls, out, model=other, progress=False)
+        message = str(refused.value)
+        assert "another live run" in message and "weights differ" in message
+        assert message.count(f"pid {os.getpid()}") == 2 and "was refused" in message
+
+        second, two = _in_thread(vqshards.tokenize_shards, inputs=urls, output=out,
+                                 model=model, batch_size=1, workers=0, progress=False,
+                                 on_sample_written=second_goes)
+        second.join(300)
+    finally:
+        go_on.set()
+        first.join(300)
+    assert "error" not in one and "error" not in two, (one, two)
+    assert second_in_2.is_set()
+    statuses = [[s.status for s in r["manifest"].shards] for r in (one, two)]
+    assert statuses == [["written", "written", "finished"], ["finished", "finished", "written"]]
+    for result in (one, two):
+        assert not result["manifest"].failed_shards
+        assert result["manifest"].totals["encoded"] == 10
+    check_outputs([out / f"shard-{i:05d}.tar" for i in range(3)], samples, reference)
+    assert not [n for n in os.listdir(out) if n.startswith(".")]

@@ -1,7 +1,10 @@
 """vqgan-datasets: tokenize image datasets with a Flax/JAX VQGAN on every local device, and back.
 
 The public API, imported lazily so that `import vqgan_datasets` stays cheap (no JAX, no datasets)
-until a name is used.
+until a name is used. Layers, each importing only the ones below it: images → config, modeling,
+checkpoints → engine → options, handle, streams (shared by every adapter) → hf*, stages (the
+adapters) → convert, manifest, shards, ray, distributed (jobs; storage is a leaf any layer may
+use) → wds (the webdataset namespace: stages and shard jobs), jobs → cli.
 """
 
 from __future__ import annotations
@@ -11,10 +14,14 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
+# Registered at import, before any fork: a DataLoader/WebLoader worker forked after JAX started
+# in the parent must fail at once instead of hanging (forks.py is standard library only).
+from . import forks as _forks  # noqa: E402, F401
+
 _EXPORTS = {
     "VQGANConfig": "config",
     "VQModel": "modeling",
-    "convert_taming_checkpoint": "checkpoints",
+    "convert_taming_checkpoint": "taming",
     "load_image": "images",
     "ImageDecodeError": "images",
     "Engine": "engine",
@@ -24,11 +31,16 @@ _EXPORTS = {
     "VQGANDetokenizer": "hf",
     "vqgan_tokenize": "hf",
     "vqgan_detokenize": "hf",
+    "EncodeOptions": "options",
+    "ModelHandle": "handle",
+    "tokenize_shards": "shards",
 }
 
 __all__ = [
+    "EncodeOptions",
     "Engine",
     "ImageDecodeError",
+    "ModelHandle",
     "VQGANConfig",
     "VQGANDetokenizer",
     "VQGANTokenizer",
@@ -38,17 +50,21 @@ __all__ = [
     "decode_iter",
     "encode_iter",
     "load_image",
+    "tokenize_shards",
     "vqgan_detokenize",
     "vqgan_tokenize",
 ]
 
 if TYPE_CHECKING:
-    from .checkpoints import convert_taming_checkpoint
     from .config import VQGANConfig
     from .engine import Engine, decode_iter, encode_iter
+    from .handle import ModelHandle
     from .hf import VQGANDetokenizer, VQGANTokenizer, vqgan_detokenize, vqgan_tokenize
     from .images import ImageDecodeError, load_image
     from .modeling import VQModel
+    from .options import EncodeOptions
+    from .shards import tokenize_shards
+    from .taming import convert_taming_checkpoint
 
 
 def __getattr__(name: str) -> Any:

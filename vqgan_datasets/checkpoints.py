@@ -1,8 +1,12 @@
-"""Checkpoint files: Hub/local resolution, msgpack and safetensors I/O, taming .ckpt conversion,
-and the weights digest used in dataset fingerprints.
+"""Model directories: Hub/local resolution, msgpack and safetensors I/O, and the weights digest
+used in dataset fingerprints.
 
 On-disk layout (vqgan-jax's, plus safetensors): `config.json`, `flax_model.msgpack` (the bare
 parameter tree) and/or `model.safetensors` (the same tree flattened with "." separators).
+
+The file layer below `modeling`: it imports only `config` and `storage`, so the parameter
+shapes a file must have are passed in (`modeling.param_shapes(config)`). taming .ckpt
+conversion, which needs the model, lives in `taming`.
 """
 
 from __future__ import annotations
@@ -13,7 +17,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -21,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from . import storage
 from .config import VQGANConfig
 
 logger = logging.getLogger(__name__)
@@ -29,7 +33,6 @@ CONFIG_NAME = "config.json"
 MSGPACK_NAME = "flax_model.msgpack"
 SAFETENSORS_NAME = "model.safetensors"
 _WEIGHT_FILES = (SAFETENSORS_NAME, MSGPACK_NAME)  # preference order: safetensors runs no code
-_TOP_LEVEL = ("encoder", "decoder", "quantize", "quant_conv", "post_quant_conv")
 
 # Public checkpoints whose config.json predates our `value_range` key. The evidence for each
 # range is cited in model/README.md.
@@ -183,11 +186,12 @@ def weights_file(directory: Path) -> Path:
     )
 
 
-def read_params(file: Path, config: VQGANConfig) -> dict:
-    """Read a weights file into a nested dict of float32 numpy arrays, checked against `config`."""
+def read_params(file: Path, expected_shapes: Mapping) -> dict:
+    """Read a weights file into a nested dict of float32 numpy arrays, checked against
+    `expected_shapes` (see check_params)."""
     flat = {k: _upgrade_legacy(k, _as_float32(v, file, k)) for k, v in _read_flat(file).items()}
-    check_params(flat, config, origin=str(file))
-    return _unflatten(flat)
+    check_params(flat, expected_shapes, origin=str(file))
+    return unflatten(flat)
 
 
 def _read_flat(file: Path) -> dict[tuple[str, ...], Any]:
@@ -214,7 +218,7 @@ def _read_flat(file: Path) -> dict[tuple[str, ...], Any]:
         tree = tree["params"]
     if not isinstance(tree, Mapping):
         raise CheckpointError(f"{file}: expected a tree of named arrays, got {type(tree).__name__}")
-    return _flatten(tree)
+    return flatten(tree)
 
 
 def _as_float32(value: Any, file: Path, key: tuple[str, ...]) -> np.ndarray:
@@ -233,13 +237,15 @@ def _upgrade_legacy(key: tuple[str, ...], value: np.ndarray) -> np.ndarray:
     return value
 
 
-def check_params(flat: Mapping[tuple[str, ...], Any], config: VQGANConfig, origin: str, *,
+def check_params(flat: Mapping[tuple[str, ...], Any], expected_shapes: Mapping, origin: str, *,
                  unexpected: Iterable[str] = ()) -> None:
     """Raise one readable diff of missing, unexpected and mis-shaped parameter names (plus the
-    names in `unexpected` that a converter could not map), then refuse non-finite values."""
-    from .modeling import param_shapes
+    names in `unexpected` that a converter could not map), then refuse non-finite values.
 
-    expected = {k: tuple(v.shape) for k, v in _flatten(param_shapes(config)).items()}
+    `expected_shapes`: a parameter tree whose leaves have a `.shape` (as `modeling.param_shapes`
+    returns) or are shape tuples, or the same flattened to tuple keys.
+    """
+    expected = _shape_table(expected_shapes)
     got = {k: tuple(np.shape(v)) for k, v in flat.items()}
     missing = sorted("/".join(k) for k in expected.keys() - got.keys())
     unexpected = [*unexpected, *sorted("/".join(k) for k in got.keys() - expected.keys())]
@@ -251,6 +257,11 @@ def check_params(flat: Mapping[tuple[str, ...], Any], config: VQGANConfig, origi
     if missing or unexpected or misshaped:
         raise CheckpointError(_diff_message(origin, missing, unexpected, misshaped))
     _check_finite(flat, origin)
+
+
+def _shape_table(shapes: Mapping) -> dict[tuple[str, ...], tuple[int, ...]]:
+    flat = shapes if all(isinstance(k, tuple) for k in shapes) else flatten(shapes)
+    return {tuple(k): tuple(getattr(v, "shape", v)) for k, v in flat.items()}
 
 
 def _check_finite(flat: Mapping[tuple[str, ...], Any], origin: str) -> None:
@@ -274,16 +285,18 @@ def _diff_message(origin: str, missing, unexpected, misshaped, limit: int = 12) 
     return "\n".join(lines)
 
 
-def save(directory: str | os.PathLike, config: VQGANConfig, params: Mapping, *,
-         formats: tuple[str, ...] = ("safetensors", "msgpack")) -> Path:
-    """Write config.json and the weights (both formats by default: vqgan-jax reads the msgpack)."""
+def save(directory: str | os.PathLike, config: VQGANConfig, params: Mapping,
+         expected_shapes: Mapping, *, formats: tuple[str, ...] = ("safetensors", "msgpack")) -> Path:
+    """Write the weights, then config.json (both weight formats by default: vqgan-jax reads the
+    msgpack). `params` must match `expected_shapes` (see check_params); each file is written
+    atomically, so a reader never sees a partial one."""
     from flax.serialization import msgpack_serialize
 
-    flat = {k: np.ascontiguousarray(np.asarray(v, dtype=np.float32)) for k, v in _flatten(params).items()}
-    check_params(flat, config, origin="save_pretrained")
+    flat = {k: np.ascontiguousarray(np.asarray(v, dtype=np.float32)) for k, v in flatten(params).items()}
+    check_params(flat, expected_shapes, origin="save_pretrained")
     writers = {
         "safetensors": (SAFETENSORS_NAME, lambda: _safetensors_bytes(flat)),
-        "msgpack": (MSGPACK_NAME, lambda: msgpack_serialize(_unflatten(flat))),
+        "msgpack": (MSGPACK_NAME, lambda: msgpack_serialize(unflatten(flat))),
     }
     unknown = set(formats) - writers.keys()
     if unknown or not formats:
@@ -292,8 +305,10 @@ def save(directory: str | os.PathLike, config: VQGANConfig, params: Mapping, *,
     out.mkdir(parents=True, exist_ok=True)
     for fmt in formats:
         name, payload = writers[fmt]
-        _atomic_write(out / name, payload())
-    _atomic_write(out / CONFIG_NAME, config.to_json_string().encode())
+        with storage.atomic_write(out / name) as f:
+            f.write(payload())
+    with storage.atomic_write(out / CONFIG_NAME) as f:
+        f.write(config.to_json_string().encode())
     return out
 
 
@@ -301,20 +316,6 @@ def _safetensors_bytes(flat: Mapping[tuple[str, ...], np.ndarray]) -> bytes:
     from safetensors.numpy import save
 
     return save({".".join(k): v for k, v in sorted(flat.items())}, metadata={"format": "flax"})
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; saved models are ordinary files
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # ---------------------------------------------------------------------------------------------
@@ -358,7 +359,7 @@ def file_digest(file: Path) -> str:
 def params_digest(params: Mapping) -> str:
     """"params-sha256:<hex>" over names, shapes and float32 bytes of an in-memory tree."""
     sha = hashlib.sha256()
-    for key, value in sorted(_flatten(params).items()):
+    for key, value in sorted(flatten(params).items()):
         array = np.ascontiguousarray(np.asarray(value, dtype=np.float32))
         sha.update("/".join(key).encode() + str(array.shape).encode())
         sha.update(array.tobytes())
@@ -366,202 +367,22 @@ def params_digest(params: Mapping) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# taming-transformers PyTorch checkpoints → our layout.
-
-# Globals that Lightning checkpoints pickle around the weights (callbacks, hyper-parameters,
-# numpy scalars). They are replaced by inert stand-ins, so nothing from the file is executed.
-# Matched as whole top-level packages (their class names vary across versions) or exact names;
-# never by string prefix, so "builtins.setattr" or "tamingx.y" are refused.
-_STUBBED_PACKAGES = frozenset({
-    "pytorch_lightning", "lightning", "lightning_fabric", "omegaconf", "numpy", "pathlib",
-    "argparse", "collections", "typing", "datetime", "taming",
-})
-_STUBBED_NAMES = frozenset({"builtins.set", "builtins.frozenset", "builtins.slice", "_codecs.encode"})
-
-
-def _is_stubbed(name: str) -> bool:
-    """Whether the pickled global `module.qualname` may be replaced by an inert stand-in."""
-    return name in _STUBBED_NAMES or name.split(".", 1)[0] in _STUBBED_PACKAGES
-
-
-class _Inert:
-    """Stand-in for a pickled object we neither trust nor need (only its state is kept)."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self.args, self.kwargs = args, kwargs
-
-    def __setstate__(self, state: Any) -> None:
-        self.state = state
-
-    def __call__(self, *args: Any, **kwargs: Any) -> _Inert:
-        return _Inert(*args, **kwargs)
-
-
-def load_taming_state_dict(ckpt_path: str | os.PathLike, *, unsafe_pickle: bool = False) -> dict:
-    """The `state_dict` of a taming .ckpt/.pt file as numpy arrays.
-
-    Loads with `torch.load(weights_only=True)`; the Lightning objects around the weights are
-    replaced by inert stand-ins. Full unpickling (which can run code from the file) happens only
-    with `unsafe_pickle=True`.
-    """
-    try:
-        import torch
-    except ImportError as err:
-        raise ImportError(
-            "converting taming checkpoints needs PyTorch: pip install 'vqgan-datasets[torch]'"
-        ) from err
-    path = os.fspath(ckpt_path)
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{path}: no such checkpoint file")
-    if unsafe_pickle:
-        logger.warning("%s: full unpickling requested; this runs any code the file contains", path)
-        blob = torch.load(path, map_location="cpu", weights_only=False)
-    else:
-        blob = _load_weights_only(torch, path)
-    state = blob.get("state_dict", blob) if isinstance(blob, Mapping) else None
-    if not isinstance(state, Mapping) or not state:
-        raise CheckpointError(
-            f"{path}: expected a dict of tensors or a Lightning checkpoint with 'state_dict', "
-            f"got {type(blob).__name__}"
-        )
-    out = {}
-    for key, value in state.items():
-        if not isinstance(value, torch.Tensor):
-            raise CheckpointError(f"{path}: state_dict[{key!r}] is {type(value).__name__}, not a tensor")
-        out[str(key)] = value.detach().to(torch.float32).cpu().numpy()
-    return out
-
-
-def _load_weights_only(torch, path: str):
-    try:
-        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-    except Exception:  # noqa: BLE001 - legacy (non-zip) files: let torch.load report it
-        unsafe = []
-    refused = [g for g in unsafe if not _is_stubbed(g)]
-    if refused:
-        raise CheckpointError(
-            f"{path}: the pickle references {refused}, which a weights-only load will not "
-            "construct. If you trust this file, pass unsafe_pickle=True (CLI: --unsafe-pickle); "
-            "that runs whatever code the file contains."
-        )
-    stubs = [(type(name.rsplit(".", 1)[-1], (_Inert,), {}), name) for name in unsafe]
-    try:
-        with torch.serialization.safe_globals(stubs):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - turn any unpickling failure into one message
-        raise CheckpointError(
-            f"{path}: could not be loaded weights-only ({err.__class__.__name__}: "
-            f"{str(err).splitlines()[0] if str(err) else ''}). If you trust this file, pass "
-            "unsafe_pickle=True (CLI: --unsafe-pickle); that runs code from the file."
-        ) from err
-
-
-_IGNORED_TAMING_PREFIXES = ("loss.", "discriminator.", "perceptual_loss.")
-
-
-def taming_to_flax(state: Mapping[str, np.ndarray], config: VQGANConfig, origin: str) -> dict:
-    """Rename and transpose a taming VQModel state_dict into vqgan-jax's parameter tree."""
-    flat: dict[tuple[str, ...], np.ndarray] = {}
-    unexpected = []
-    for key, value in state.items():
-        if key.startswith(_IGNORED_TAMING_PREFIXES):
-            continue
-        if key == "quantize.used" or key.startswith("quantize.re_embed"):
-            raise CheckpointError(f"{origin}: codebook remapping ({key}) is not supported")
-        parts = re.sub(r"\.(\d+)", r"_\1", key).split(".")
-        if parts[0] not in _TOP_LEVEL:
-            unexpected.append(key)
-            continue
-        *path, leaf = parts
-        if leaf == "bias":
-            flat[(*path, "bias")] = value
-        elif leaf == "weight" and value.ndim == 4:
-            flat[(*path, "kernel")] = value.transpose(2, 3, 1, 0)  # OIHW → HWIO
-        elif leaf == "weight" and path[-1] == "embedding":
-            flat[(*path, "embedding")] = value
-        elif leaf == "weight" and value.ndim == 1:
-            flat[(*path, "scale")] = value
-        else:
-            unexpected.append(key)
-    check_params(flat, config, origin, unexpected=unexpected)
-    return _unflatten(flat)
-
-
-def infer_taming_config(state: Mapping[str, np.ndarray], resolution: int = 256) -> VQGANConfig:
-    """Read the architecture off a taming state_dict's names and shapes (attention placement is
-    relative to `resolution`, which the weights cannot tell)."""
-    def shape(key: str) -> tuple[int, ...]:
-        if key not in state:
-            raise CheckpointError(f"cannot infer the config: no {key!r} in the checkpoint")
-        return tuple(state[key].shape)
-
-    ch = shape("encoder.conv_in.weight")[0]
-    levels = sorted({int(m.group(1)) for k in state if (m := re.match(r"encoder\.down\.(\d+)\.", k))})
-    ch_mult = tuple(shape(f"encoder.down.{i}.block.0.conv1.weight")[0] // ch for i in levels)
-    num_res_blocks = len({k.split(".")[4] for k in state if k.startswith("encoder.down.0.block.")})
-    attn = tuple(
-        resolution // 2**i for i in levels if f"encoder.down.{i}.attn.0.q.weight" in state
-    )
-    z_out = shape("encoder.conv_out.weight")[0]
-    n_embed, embed_dim = shape("quantize.embedding.weight")
-    z_channels = shape("post_quant_conv.weight")[0]
-    return VQGANConfig(
-        ch=ch,
-        out_ch=shape("decoder.conv_out.weight")[0],
-        in_channels=shape("encoder.conv_in.weight")[1],
-        ch_mult=ch_mult,
-        num_res_blocks=num_res_blocks,
-        attn_resolutions=attn,
-        resolution=resolution,
-        z_channels=z_channels,
-        double_z=z_out == 2 * z_channels,
-        embed_dim=embed_dim,
-        n_embed=n_embed,
-        resamp_with_conv="encoder.down.0.downsample.conv.weight" in state or len(levels) == 1,
-    )
-
-
-def convert_taming_checkpoint(
-    ckpt_path: str | os.PathLike,
-    output_dir: str | os.PathLike,
-    config: VQGANConfig | str | os.PathLike | None = None,
-    *,
-    value_range: tuple[float, float] = (-1.0, 1.0),
-    unsafe_pickle: bool = False,
-) -> Path:
-    """Convert a taming-transformers checkpoint into a directory `VQModel.from_pretrained` loads.
-
-    `config`: a VQGANConfig, a taming yaml path, or None to read the architecture off the
-    weights. `value_range`: taming trains on [-1, 1]; change it only if you know otherwise.
-    """
-    state = load_taming_state_dict(ckpt_path, unsafe_pickle=unsafe_pickle)
-    if config is None:
-        try:
-            config = infer_taming_config(state)
-        except (TypeError, ValueError) as err:
-            raise CheckpointError(f"{os.fspath(ckpt_path)}: {err}; pass config= (a taming yaml)") from err
-    elif not isinstance(config, VQGANConfig):
-        config = VQGANConfig.from_taming_yaml(config)
-    config = config.replace(value_range=tuple(value_range))
-    params = taming_to_flax(state, config, origin=os.fspath(ckpt_path))
-    return save(output_dir, config, params)
-
-
-# ---------------------------------------------------------------------------------------------
 # Tree helpers.
 
 
-def _flatten(tree: Mapping, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
+def flatten(tree: Mapping, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
+    """A nested parameter tree as {("encoder", "conv_in", "kernel"): leaf, ...}."""
     out: dict[tuple[str, ...], Any] = {}
     for key, value in tree.items():
         if isinstance(value, Mapping):
-            out.update(_flatten(value, (*prefix, str(key))))
+            out.update(flatten(value, (*prefix, str(key))))
         else:
             out[(*prefix, str(key))] = value
     return out
 
 
-def _unflatten(flat: Mapping[tuple[str, ...], Any]) -> dict:
+def unflatten(flat: Mapping[tuple[str, ...], Any]) -> dict:
+    """The inverse of flatten: tuple keys back to nested dicts."""
     out: dict = {}
     for key, value in flat.items():
         node = out

@@ -2,8 +2,9 @@
 
 Tokenizing is data parallel per host: each process encodes its own share of the data on its
 local devices and no array ever crosses hosts. So the only cross-process steps are starting
-JAX's distributed runtime (`initialize`), choosing a share (`process_split`, `split_dataset`)
-and waiting for the others (`barrier`). The one rule of multi-host JAX applies to them: every
+JAX's distributed runtime (`initialize`), choosing a share (`process_split`, `split_dataset`,
+`assign` for shard runs, which also splits over torch DataLoader workers) and waiting for the
+others (`barrier`). The one rule of multi-host JAX applies to them: every
 process must run the same cross-process steps in the same order, or the run hangs.
 
 For Ray clusters, see `vqgan_datasets.ray` instead; it needs none of this.
@@ -13,12 +14,13 @@ from __future__ import annotations
 
 import itertools
 import logging
+import sys
 import threading
 from collections.abc import Iterable
 from typing import Any, TypeVar
 
-__all__ = ["barrier", "initialize", "process_count", "process_index", "process_split",
-           "split_dataset"]
+__all__ = ["assign", "barrier", "check_split", "initialize", "process_count", "process_index",
+           "process_split", "split_dataset", "torch_worker"]
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +96,28 @@ def process_split(items: Iterable[T], index: int | None = None,
     if isinstance(index, bool) or isinstance(count, bool) or count < 1 or not 0 <= index < count:
         raise ValueError(f"process index must be in [0, count); got {index} of {count}")
     return list(itertools.islice(items, index, None, count))
+
+
+def assign(count: int, process: tuple[int, int], worker: tuple[int, int]) -> list[int]:
+    """The items of a shard run this (process, worker) converts: item i goes to process
+    i % P; within a process, its j-th item to worker j % W."""
+    mine = process_split(range(count), *process)
+    return mine[worker[0]::worker[1]]
+
+
+def check_split(name: str, index: int, count: int) -> tuple[int, int]:
+    """(index, count) as ints, checked: `name`_index in [0, `name`_count)."""
+    if isinstance(index, bool) or isinstance(count, bool) or count < 1 or not 0 <= index < count:
+        raise ValueError(f"{name}_index must be in [0, {name}_count); got {index} of {count}")
+    return int(index), int(count)
+
+
+def torch_worker() -> tuple[int, int]:
+    """(id, count) inside a torch DataLoader worker, else (0, 1). Only looks if torch is already
+    imported: a process that never imported torch is not one of its workers."""
+    data = sys.modules.get("torch.utils.data")
+    info = data.get_worker_info() if data is not None else None
+    return (int(info.id), int(info.num_workers)) if info is not None else (0, 1)
 
 
 def split_dataset(dataset: Any) -> Any:

@@ -4,15 +4,15 @@ One jitted encode function and one jitted decode function per token grid, over a
 of the devices (axis "data"): parameters replicated, batches split on their leading axis.
 Batches are padded with zero rows up to one of a few fixed sizes (buckets) so a run compiles a
 bounded number of programs; padding rows are stripped from every result. `encode_iter` streams:
-host threads preprocess the next batches while the devices work on the current one, and at most
-``prefetch + 2`` batches are ever held, whatever the length of the input.
+worker processes (`workers.WorkerPool`) preprocess the next batches while the devices work on
+the current one, and at most ``prefetch + 2`` batches are ever held, whatever the input length.
+Every entry point first checks that JAX can run here (`forks.check_fork_safety`). Batch sizes,
+buckets and the preprocessing settings are resolved in `engine_settings`.
 """
 
 from __future__ import annotations
 
 import bisect
-import collections
-import concurrent.futures
 import dataclasses
 import functools
 import inspect
@@ -20,6 +20,7 @@ import itertools
 import logging
 import os
 import threading
+import warnings
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
@@ -29,24 +30,21 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from . import images as images_lib
 from . import modeling
+from .batches import Prepared, chunked
+from .engine_settings import bucket_sizes, check_int, default_batch_size, resolve_settings
+from .forks import check_fork_safety
 from .images import ImageDecodeError, OnError
 from .modeling import VQModel
+from .workers import DEFAULT_SAMPLE_TIMEOUT_S, WorkerPool
 
-__all__ = [
-    "DecodeResult",
-    "EncodeResult",
-    "Engine",
-    "EngineStats",
-    "decode_iter",
-    "encode_iter",
-    "get_engine",
-]
+__all__ = ["DecodeResult", "EncodeResult", "Engine", "EngineStats", "decode_iter",
+           "default_batch_size", "encode_iter", "get_engine"]
 
 logger = logging.getLogger(__name__)
 
 _AXIS = "data"
-_MISSING = object()
 _ON_ERROR = ("raise", "skip", "null")
+_draft_warned = False
 
 
 @dataclasses.dataclass
@@ -79,63 +77,43 @@ class EngineStats:
     padded_rows: int = 0  # zero rows added to reach a bucket
 
 
-def _bucket_sizes(per_device: int, num_devices: int) -> tuple[int, ...]:
-    """Global batch sizes num_devices * {1, 2, 4, ..., per_device}: ceil(log2(b)) + 1 shapes.
-
-    Doubling keeps padding under half a batch while bounding compilations; every bucket is a
-    multiple of the device count so the leading axis always splits evenly over the mesh.
-    """
-    sizes, rows = [], 1
-    while rows < per_device:
-        sizes.append(rows * num_devices)
-        rows *= 2
-    sizes.append(per_device * num_devices)
-    return tuple(sizes)
-
-
 class Engine:
     """Data-parallel VQGAN encode/decode on all local devices with bucketed, padded batches.
 
-    `batch_size` is per device; the largest global batch is `batch_size * num_devices`.
-    `num_threads` host threads decode and resize images (default min(8, cpu count)); `prefetch`
-    batches are preprocessed ahead of the one on the devices. The parameters are copied to the
-    devices once, here: an engine keeps using them even if `model.params` is later replaced
-    (`get_engine` notices that and builds a new engine).
+    `batch_size` is per device (None: `default_batch_size`); the largest global batch is
+    `batch_size * num_devices`. `workers` processes preprocess images for `encode_iter` (None:
+    one per available core; 0: `num_threads` threads in this process instead); a sample that
+    takes longer than `sample_timeout_s` (None: no limit) fails and its worker is replaced.
+    `prefetch` batches are preprocessed ahead of the one on the devices. The parameters are
+    copied to the devices once, here: an engine keeps using them even if `model.params` is
+    later replaced (`get_engine` notices that and builds a new engine).
     """
 
     def __init__(
-        self,
-        model: VQModel,
-        *,
-        batch_size: int = 8,
-        devices: Sequence[jax.Device] | None = None,
-        num_threads: int | None = None,
-        prefetch: int = 2,
+        self, model: VQModel, *, batch_size: int | None = None,
+        devices: Sequence[jax.Device] | None = None, num_threads: int | None = None,
+        prefetch: int = 2, workers: int | None = None,
+        sample_timeout_s: float | None = DEFAULT_SAMPLE_TIMEOUT_S,
     ) -> None:
-        _check_int("batch_size", batch_size, minimum=1)
-        _check_int("prefetch", prefetch, minimum=0)
-        if num_threads is None:
-            num_threads = min(8, os.cpu_count() or 1)
-        _check_int("num_threads", num_threads, minimum=1)
-        devices = list(jax.local_devices() if devices is None else devices)
-        if not devices:
-            raise ValueError("devices is empty; pass None to use every local device")
-        if len(set(devices)) != len(devices):
-            raise ValueError(f"devices lists a device twice: {devices}")
-
+        check_fork_safety("Engine")
+        settings = resolve_settings(model.config, batch_size=batch_size, devices=devices,
+                             num_threads=num_threads, prefetch=prefetch, workers=workers,
+                             sample_timeout_s=sample_timeout_s)
         self._model: VQModel | weakref.ReferenceType = model
         self.config = model.config
-        self.batch_size = int(batch_size)
-        self.num_threads = int(num_threads)
-        self.prefetch = int(prefetch)
-        self.devices = tuple(devices)
-        self.buckets = _bucket_sizes(self.batch_size, len(devices))
+        self.batch_size: int = settings["batch_size"]
+        self.devices: tuple[jax.Device, ...] = settings["devices"]
+        self.num_threads: int = settings["num_threads"]
+        self.prefetch: int = settings["prefetch"]
+        self.workers: int = settings["workers"]
+        self.sample_timeout_s: float | None = settings["sample_timeout_s"]
+        self.buckets = bucket_sizes(self.batch_size, len(self.devices))
         self.stats = EngineStats()
 
         # jit over a mesh rather than pmap: pmap is in maintenance mode, jit with shardings is
         # today's idiom, and it is one program for any device count (no leading device axis,
         # no per-device reshapes; XLA partitions the batch axis itself).
-        self.mesh = Mesh(np.array(devices, dtype=object), (_AXIS,))
+        self.mesh = Mesh(np.array(self.devices, dtype=object), (_AXIS,))
         self._replicated = NamedSharding(self.mesh, PartitionSpec())
         self._batch_sharding = NamedSharding(self.mesh, PartitionSpec(_AXIS))
         # Placed once and passed as an argument: constants closed over by a jitted function
@@ -150,8 +128,7 @@ class Engine:
         )
         self._decode_fns: dict[tuple[int, int], Callable] = {}
         self._pools_lock = threading.Lock()
-        self._load_pool: concurrent.futures.ThreadPoolExecutor | None = None
-        self._batch_pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._load_pool: WorkerPool | None = None
 
     # -- properties --------------------------------------------------------------------------
 
@@ -176,18 +153,11 @@ class Engine:
 
     def encode(self, images: np.ndarray) -> np.ndarray:
         """uint8 images [N,H,W,3] (any N >= 0) → int32 tokens [N, h*w], raster order."""
+        check_fork_safety("Engine.encode")
         images = self._check_images(images)
-        n = images.shape[0]
-        f = self.config.downsample_factor
+        n, f = images.shape[0], self.config.downsample_factor
         out = np.empty((n, (images.shape[1] // f) * (images.shape[2] // f)), np.int32)
-        step = self.global_batch_size
-
-        def batches():
-            for start in range(0, n, step):
-                yield start, images[start : start + step]
-
-        for start, tokens in self._pipelined(self._encode_fn, batches()):
-            out[start : start + len(tokens)] = tokens
+        self._whole(self._encode_fn, images, out)
         self.stats.samples_in += n
         self.stats.encoded += n
         return out
@@ -197,6 +167,7 @@ class Engine:
 
         `grid` is (h, w); by default the token count must be a square.
         """
+        check_fork_safety("Engine.decode")
         codes = np.asarray(codes)
         if codes.ndim != 2 or not (np.issubdtype(codes.dtype, np.integer) or codes.size == 0):
             raise ValueError(
@@ -206,71 +177,62 @@ class Engine:
         grid = self._grid(codes.shape[1], grid)
         modeling.check_codes(codes, self.config.n_embed)
         codes = codes.astype(np.int32, copy=False)  # one compiled dtype whatever the storage
-        n = codes.shape[0]
-        f = self.config.downsample_factor
+        n, f = codes.shape[0], self.config.downsample_factor
         out = np.empty((n, grid[0] * f, grid[1] * f, self.config.out_ch), np.uint8)
-        step = self.global_batch_size
-
-        def batches():
-            for start in range(0, n, step):
-                yield start, codes[start : start + step]
-
-        for start, pixels in self._pipelined(self._decode_fn(grid), batches()):
-            out[start : start + len(pixels)] = pixels
+        self._whole(self._decode_fn(grid), codes, out)
         self.stats.decoded += n
         return out
 
     # -- streams -------------------------------------------------------------------------------
 
     def encode_iter(
-        self,
-        images: Iterable,
-        *,
-        image_size: int | None = None,
-        keys: Iterable | None = None,
-        on_error: OnError = "raise",
-        draft: bool = True,
+        self, images: Iterable, *, image_size: int | None = None, keys: Iterable | None = None,
+        on_error: OnError = "raise", preprocess: str = "exact", draft: bool | None = None,
     ) -> Iterator[EncodeResult]:
         """Anything `images.load_image` accepts → one EncodeResult per input, in input order.
 
         Keys default to running indices. A bad input raises `ImageDecodeError` naming its key
         ("raise", after every earlier result was yielded), is left out and counted ("skip"),
-        or comes back as `EncodeResult(key, None, reason)` ("null"). Memory stays bounded for
+        or comes back as `EncodeResult(key, None, reason)` ("null"). `preprocess` is "exact"
+        or "fast" (see `images`); `draft` is deprecated and ignored. Memory stays bounded for
         unbounded inputs: at most (prefetch + 2) global batches are read ahead of the consumer.
         """
+        check_fork_safety("Engine.encode_iter")
         if on_error not in _ON_ERROR:
             raise ValueError(f"on_error must be one of {_ON_ERROR}, got {on_error!r}")
+        if preprocess not in images_lib.PREPROCESS_MODES:
+            raise ValueError(f"preprocess must be one of {images_lib.PREPROCESS_MODES}, got "
+                             f"{preprocess!r}")
+        if draft is not None:
+            _warn_draft()
         size = self.config.resolution if image_size is None else image_size
-        _check_int("image_size", size, minimum=1)
+        check_int("image_size", size, minimum=1)
         f = self.config.downsample_factor
         if size % f:
             raise ValueError(
                 f"image_size {size} is not a multiple of the model's downsample factor {f}"
             )
-        return self._encode_stream(iter(images), keys, int(size), on_error, draft)
+        return self._encode_stream(iter(images), keys, int(size), on_error, preprocess)
 
     def decode_iter(
-        self,
-        codes: Iterable[np.ndarray],
-        *,
-        keys: Iterable | None = None,
+        self, codes: Iterable[np.ndarray], *, keys: Iterable | None = None,
         grid: tuple[int, int] | None = None,
     ) -> Iterator[DecodeResult]:
         """Token sequences (int [h*w] each) → one DecodeResult per input, in input order.
 
         Bad ids raise a ValueError naming the sequence's key and the position.
         """
+        check_fork_safety("Engine.decode_iter")
         return self._decode_stream(iter(codes), keys, grid)
 
     # -- lifecycle -----------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Shut the preprocessing threads down (they are started again if the engine is reused)."""
+        """Stop the preprocessing workers (they start again if the engine is used again)."""
         with self._pools_lock:
-            pools, self._load_pool, self._batch_pool = (self._load_pool, self._batch_pool), None, None
-        for pool in pools:
-            if pool is not None:
-                pool.shutdown(wait=True, cancel_futures=True)
+            pool, self._load_pool = self._load_pool, None
+        if pool is not None:
+            pool.close()
 
     def __enter__(self) -> Engine:
         return self
@@ -281,7 +243,8 @@ class Engine:
     def __repr__(self) -> str:
         return (
             f"Engine({self.num_devices} x {self.devices[0].platform}, batch_size={self.batch_size}"
-            f" per device, buckets={self.buckets}, prefetch={self.prefetch})"
+            f" per device, buckets={self.buckets}, prefetch={self.prefetch}, "
+            f"workers={self.workers})"
         )
 
     # -- internals: device calls -----------------------------------------------------------
@@ -314,6 +277,12 @@ class Engine:
         self.stats.padded_rows += bucket - n
         return out
 
+    def _whole(self, fn: Callable, rows: np.ndarray, out: np.ndarray) -> None:
+        step = self.global_batch_size
+        batches = ((start, rows[start : start + step]) for start in range(0, len(rows), step))
+        for start, result in self._pipelined(fn, batches):
+            out[start : start + len(result)] = result
+
     def _pipelined(self, fn: Callable, batches: Iterable[tuple[object, np.ndarray]]):
         """(tag, rows) → (tag, host result without padding), dispatching batch k+1 before
         fetching batch k: JAX dispatch is asynchronous, so the devices never wait for the host
@@ -329,74 +298,40 @@ class Engine:
 
     # -- internals: streams --------------------------------------------------------------------
 
-    def _pools(self) -> tuple[concurrent.futures.Executor, concurrent.futures.Executor]:
-        # Two pools: `batch` threads each run one preprocess_batch call, which fans its images
-        # out to the `load` pool and waits. Waiting on the same pool could deadlock; and keeping
-        # the next batch's images queued behind this one's keeps every load thread busy.
+    def _pool(self) -> WorkerPool:
         with self._pools_lock:
-            if self._load_pool is None:
-                self._load_pool = concurrent.futures.ThreadPoolExecutor(
-                    self.num_threads, thread_name_prefix="vqgan-load"
+            pool = self._load_pool
+            if pool is None or pool.closed or pool.pid != os.getpid():
+                pool = self._load_pool = WorkerPool(
+                    self.workers, threads=self.num_threads, sample_timeout_s=self.sample_timeout_s
                 )
-                self._batch_pool = concurrent.futures.ThreadPoolExecutor(
-                    max(1, self.prefetch), thread_name_prefix="vqgan-batch"
-                )
-            return self._load_pool, self._batch_pool
+                weakref.finalize(self, pool.close)  # a dropped engine stops its workers
+            return pool
 
     def _encode_stream(
-        self, items: Iterator, keys: Iterable | None, size: int, on_error: str, draft: bool
+        self, items: Iterator, keys: Iterable | None, size: int, on_error: str, preprocess: str
     ) -> Iterator[EncodeResult]:
-        load_pool, batch_pool = self._pools()
-        if not self.prefetch:
-            batch_pool = None  # preprocess in the caller's thread, while the devices run
-        chunks = _chunked(items, keys, self.global_batch_size)
-        preprocess = functools.partial(
-            images_lib.preprocess_batch, image_size=size, on_error="null",
-            executor=load_pool, draft=draft,
+        # At most max(1, prefetch) + 1 batches preprocessed or queued, one on the devices.
+        prepared = self._pool().stream(
+            items, keys, batch_size=self.global_batch_size, ahead=self.prefetch,
+            image_size=size, preprocess=preprocess,
         )
-        queued: collections.deque[concurrent.futures.Future] = collections.deque()
-
-        def refill() -> None:
-            # Reading the input happens here, in the caller's thread, so the read-ahead is
-            # bounded by the queue depth: nothing else pulls from the caller's iterator.
-            while len(queued) < max(1, self.prefetch):
-                chunk = next(chunks, None)
-                if chunk is None:
-                    return
-                chunk_keys, chunk_items = chunk
-                if batch_pool is None:
-                    done = concurrent.futures.Future()
-                    done.set_result((chunk_keys, preprocess(chunk_items, keys=chunk_keys)))
-                    queued.append(done)
-                else:
-                    queued.append(batch_pool.submit(_keyed, chunk_keys, preprocess, chunk_items))
-
-        def batches():
-            while True:
-                refill()
-                if not queued:
-                    return
-                chunk_keys, batch = queued.popleft().result()
-                if self.prefetch:
-                    refill()  # before the dispatch of this batch, so the threads never idle
-                yield (chunk_keys, batch), batch.pixels
-
+        batches = (((chunk_keys, batch), batch.pixels) for chunk_keys, batch in prepared)
         counts = {"in": 0, "skipped": 0}
         try:
-            for (chunk_keys, batch), tokens in self._pipelined(self._encode_fn, batches()):
+            for (chunk_keys, batch), tokens in self._pipelined(self._encode_fn, batches):
                 yield from self._apply_policy(chunk_keys, batch, tokens, on_error, counts)
         finally:
-            for future in queued:  # the consumer stopped early, or a failure is on its way up
-                future.cancel()
+            prepared.close()  # the consumer stopped early, or a failure is on its way up
             if counts["skipped"]:
                 logger.warning(
                     "skipped %d of %d inputs that could not be read as images (on_error='skip');"
                     " the DEBUG log of %s names each", counts["skipped"], counts["in"], __name__,
                 )
 
-    def _apply_policy(self, chunk_keys, batch, tokens, on_error, counts):
+    def _apply_policy(self, chunk_keys, prepared: Prepared, tokens, on_error, counts):
         row = 0
-        for key, ok, error in zip(chunk_keys, batch.ok, batch.errors, strict=True):
+        for key, ok, reason in zip(chunk_keys, prepared.ok, prepared.reasons, strict=True):
             self.stats.samples_in += 1
             counts["in"] += 1
             if ok:
@@ -404,7 +339,7 @@ class Engine:
                 yield EncodeResult(key, tokens[row], None)
                 row += 1
                 continue
-            reason = _reason(error, key)
+            reason = reason or "unknown error"
             if on_error == "skip":
                 self.stats.skipped += 1
                 counts["skipped"] += 1
@@ -419,20 +354,15 @@ class Engine:
         self, codes: Iterator, keys: Iterable | None, grid: tuple[int, int] | None
     ) -> Iterator[DecodeResult]:
         # The first sequence fixes the grid, hence the jitted function, for the whole stream.
-        first = next(codes, None)
+        chunks = chunked(codes, keys, self.global_batch_size)
+        first = next(chunks, None)
         if first is None:
             return
-        key_iter = itertools.count() if keys is None else iter(keys)
-        first_key = next(key_iter, _MISSING)
-        if first_key is _MISSING:
-            raise ValueError("keys is empty, but codes is not")
-        length = _check_code_row(first_key, np.asarray(first), None)
+        length = _check_code_row(first[0][0], np.asarray(first[1][0]), None)
         grid = self._grid(length, grid)
-        codes = itertools.chain([first], codes)
-        keys = itertools.chain([first_key], key_iter)
 
         def batches():
-            for chunk_keys, chunk in _chunked(codes, keys, self.global_batch_size):
+            for chunk_keys, chunk in itertools.chain([first], chunks):
                 arrays = [np.asarray(c) for c in chunk]
                 for key, array in zip(chunk_keys, arrays, strict=True):
                     _check_code_row(key, array, length)
@@ -462,23 +392,12 @@ class Engine:
 
     def _check_images(self, images) -> np.ndarray:
         images = np.asarray(images)
-        f = self.config.downsample_factor
-        channels = self.config.in_channels
-        ok = (
-            images.dtype == np.uint8
-            and images.ndim == 4
-            and images.shape[3] == channels
-            and images.shape[1] > 0
-            and images.shape[1] % f == 0
-            and images.shape[2] % f == 0
-        )
-        if not ok:
-            hint = ""
-            if images.dtype != np.uint8:
-                hint = (
-                    " Pass pixels as uint8 0..255; the engine scales them to the model's range"
-                    f" {self.config.value_range} on the device."
-                )
+        f, channels, shape = self.config.downsample_factor, self.config.in_channels, images.shape
+        ok = images.dtype == np.uint8 and images.ndim == 4 and shape[3] == channels
+        if not (ok and shape[1] > 0 and shape[1] % f == 0 and shape[2] % f == 0):
+            hint = "" if images.dtype == np.uint8 else (
+                " Pass pixels as uint8 0..255; the engine scales them to the model's range"
+                f" {self.config.value_range} on the device.")
             raise ValueError(
                 f"Engine.encode expects uint8 images [N,H,W,{channels}] with H and W multiples of "
                 f"the downsample factor {f} (square, e.g. {self.config.resolution}x"
@@ -512,39 +431,13 @@ def _check_code_row(key, array: np.ndarray, length: int | None) -> int:
     return array.shape[0]
 
 
-def _keyed(chunk_keys, preprocess, chunk_items):
-    return chunk_keys, preprocess(chunk_items, keys=chunk_keys)
-
-
-def _chunked(items: Iterator, keys: Iterable | None, size: int):
-    """(keys, items) lists of `size` from an iterator; keys default to running indices."""
-    key_iter = itertools.count() if keys is None else iter(keys)
-    index = 0
-    while True:
-        chunk_items = list(itertools.islice(items, size))
-        if not chunk_items:
-            return
-        chunk_keys = list(itertools.islice(key_iter, len(chunk_items)))
-        if len(chunk_keys) != len(chunk_items):
-            raise ValueError(
-                f"keys ran out after {index + len(chunk_keys)} keys, before the inputs did"
-            )
-        index += len(chunk_items)
-        yield chunk_keys, chunk_items
-
-
-def _reason(error: str | None, key: object) -> str:
-    """The reason of a failure without the 'sample <key>: ' prefix that preprocess_batch adds."""
-    error = error or "unknown error"
-    prefix = str(ImageDecodeError("", key))
-    return error[len(prefix) :] if prefix and error.startswith(prefix) else error
-
-
-def _check_int(name: str, value, *, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+def _warn_draft() -> None:
+    global _draft_warned
+    if not _draft_warned:  # once per process
+        _draft_warned = True
+        warnings.warn("encode_iter(draft=...) is deprecated and ignored: JPEG drafting moved to "
+                      "preprocess='fast' (the default, 'exact', gives the same pixels for every "
+                      "input form)", DeprecationWarning, stacklevel=3)
 
 
 # -- cached engines ----------------------------------------------------------------------------
@@ -561,23 +454,22 @@ _ENGINES_LOCK = threading.Lock()
 
 def get_engine(model: VQModel, **kwargs) -> Engine:
     """The engine for (model, kwargs), built once: repeated dataset `map` calls reuse its
-    compiled functions. The cache holds models weakly, and a cached engine refers to its model
-    only weakly, so dropping the model frees both."""
+    compiled functions and worker processes. The cache holds models weakly, and a cached engine
+    refers to its model only weakly, so dropping the model frees both."""
+    check_fork_safety("get_engine")
     unknown = sorted(set(kwargs) - set(_ENGINE_ARGS))
     if unknown:
         raise TypeError(f"unknown Engine arguments {unknown}; expected some of {_ENGINE_ARGS}")
-    # Defaults filled in, so get_engine(m) and get_engine(m, batch_size=8) share one engine.
-    resolved = {**_ENGINE_DEFAULTS, **kwargs}
-    if resolved["devices"] is not None:
-        resolved["devices"] = tuple(resolved["devices"])
-    key = tuple(sorted(resolved.items(), key=lambda item: item[0]))
+    # Defaults resolved, so get_engine(m) and get_engine(m, batch_size=<the default>) share one.
+    settings = resolve_settings(model.config, **{**_ENGINE_DEFAULTS, **kwargs})
+    key = tuple(sorted(settings.items(), key=lambda item: item[0]))
     with _ENGINES_LOCK:
         per_model = _ENGINES.setdefault(model, {})
         engine = per_model.get(key)
         if engine is None or engine._params_source is not model.params:
             if engine is not None:
                 engine.close()
-            engine = Engine(model, **kwargs)
+            engine = Engine(model, **settings)
             # A strong reference from the value would keep the weak key alive for ever.
             engine._model = weakref.ref(model)
             per_model[key] = engine

@@ -3,81 +3,47 @@
 The CLI only parses arguments and calls one of these; they are also the Python API for the same
 jobs. Image sources: a folder of image files, a datasets directory (`save_to_disk`), parquet
 files or a folder of them, or `imagefolder:DIR` for datasets' imagefolder builder. Token
-sources: a datasets directory written by `encode`, or token tar shards.
+sources: a datasets directory written by `encode`, or token tar shards (`inputs` tells them
+apart).
 """
 
 from __future__ import annotations
 
-import dataclasses
+import hashlib
+import itertools
 import logging
+import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .inputs import (
+    DATASET_FILES,
+    IMAGE_SUFFIXES,
+    find_token_shards,
+    is_shard_source,
+    open_images,
+    parquet_files,
+    row_names,
+)
+
+if TYPE_CHECKING:  # imported where used: the CLI imports this module without JAX
+    from .manifest import Manifest
+    from .metadata import TokenizerSpec
+    from .options import EncodeOptions
+
+__all__ = ["DATASET_FILES", "DEMO_IMAGES", "DEMO_MODEL", "IMAGE_SUFFIXES", "MAX_LISTED_FAILURES",
+           "MAX_NAME_BYTES", "convert", "decode", "demo", "encode", "info", "is_shard_source",
+           "manifest_summary", "open_images", "preview", "report"]
+
 logger = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm")
 DEMO_MODEL = Path(__file__).resolve().parents[1] / "model" / "demo"
 DEMO_IMAGES = Path(__file__).resolve().parents[1] / "examples" / "images"
-
-
-def is_shard_source(source: str | os.PathLike) -> bool:
-    """Tar shards (a .tar path or pattern, a brace pattern, `pipe:`), as opposed to datasets."""
-    text = os.fspath(source)
-    return text.startswith("pipe:") or ".tar" in text or ("{" in text and ".." in text)
-
-
-def open_images(source: str | os.PathLike, *, split: str = "train") -> Any:
-    """Any image source as a `datasets.Dataset` with an `image` column (undecoded where possible)."""
-    import datasets
-
-    text = os.fspath(source)
-    if text.startswith("imagefolder:"):
-        loaded = datasets.load_dataset("imagefolder", data_dir=text.split(":", 1)[1], split=split)
-        return loaded.cast_column("image", datasets.Image(decode=False))
-    path = Path(text)
-    if path.is_dir() and ((path / "dataset_info.json").is_file() or (path / "state.json").is_file()
-                          or (path / "dataset_dict.json").is_file()):
-        loaded = datasets.load_from_disk(str(path))
-        return loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
-    parquet = _parquet_files(path)
-    if parquet:
-        return datasets.load_dataset("parquet", data_files=[str(p) for p in parquet], split=split)
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-        if not files:
-            raise FileNotFoundError(
-                f"{path}: no images ({', '.join(IMAGE_SUFFIXES)}), no parquet files and no saved "
-                "dataset found"
-            )
-        return _image_files(files, path)
-    if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
-        return _image_files([path], path.parent)
-    raise FileNotFoundError(f"{text}: not an image folder, saved dataset, parquet file or image")
-
-
-def _image_files(files: Sequence[Path], root: Path) -> Any:
-    """Image files as a dataset of (file_name relative to root, undecoded image path)."""
-    import datasets
-
-    return datasets.Dataset.from_dict(
-        {"file_name": [str(p.relative_to(root)) for p in files], "image": [str(p) for p in files]},
-        features=datasets.Features(
-            {"file_name": datasets.Value("string"), "image": datasets.Image(decode=False)}
-        ),
-    )
-
-
-def _parquet_files(path: Path) -> list[Path]:
-    if path.is_file() and path.suffix == ".parquet":
-        return [path]
-    if path.is_dir():
-        return sorted(path.rglob("*.parquet"))
-    return []
 
 
 def encode(
@@ -85,13 +51,16 @@ def encode(
     output: str | os.PathLike,
     *,
     model: Any = None,
-    image_column: str = "image",
+    options: EncodeOptions | None = None,
+    image_column: str | None = None,
     image_size: int | None = None,
-    batch_size: int = 8,
-    on_error: str = "skip",
+    batch_size: int | None = None,
+    on_error: str | None = None,
+    preprocess: str | None = None,
+    workers: int | None = None,
+    keep_image: bool | None = None,
     value_range: tuple[float, float] | None = None,
     dtype: str | None = None,
-    keep_image: bool = False,
     progress: bool = True,
     ray_address: str | None = None,
     num_actors: int | None = None,
@@ -100,13 +69,21 @@ def encode(
 ) -> dict[str, Any]:
     """Tokenize `source` into `output`: a datasets directory, or token shards for shard input.
 
-    `ray_address` runs shard conversion on a Ray cluster ("" starts a local Ray); `multihost`
-    holds `distributed.initialize` arguments for a JAX multi-host run (each host then converts
-    its own shards, or its own part of a dataset). Returns a summary (rows, skipped, seconds,
-    images/s, where it went)."""
+    Settings: `options=EncodeOptions(...)`, or its fields as keywords (a keyword given
+    overrides the same field of `options`); `image_column` names the datasets column or the
+    tar samples' image field(s). `value_range`/`dtype` adjust the model. `ray_address` runs
+    shard conversion on a Ray cluster ("" starts a local Ray); `multihost` holds
+    `distributed.initialize` arguments for a JAX multi-host run (each host converts its own
+    shards, or its own part of a dataset). Returns a summary of what was done; `"complete"`
+    is False when some shard failed (listed in `"failed_shards"`; a rerun retries them).
+    """
     from .hf import DEFAULT_MODEL, VQGANTokenizer
+    from .options import encode_options
 
     model = DEFAULT_MODEL if model is None else model
+    options = encode_options(options, image_field=image_column, image_size=image_size,
+                             batch_size=batch_size, on_error=on_error, preprocess=preprocess,
+                             workers=workers, keep_image=keep_image)
     start = time.perf_counter()
     if multihost is not None:
         from . import distributed
@@ -116,23 +93,20 @@ def encode(
         if value_range is not None or dtype is not None:
             # Shard workers take these settings from the model itself (its reference).
             model = _load_model(model, dtype=dtype, value_range=value_range)
-        kwargs = dict(model=model, image_size=image_size, batch_size=batch_size,
-                      on_error=on_error, keep_image=keep_image)
         if ray_address is not None:
             from .ray import tokenize as ray_tokenize
 
             manifest = ray_tokenize(
-                os.fspath(source), os.fspath(output), address=ray_address or None,
-                num_actors=num_actors, num_gpus_per_actor=gpus_per_actor, **kwargs
+                os.fspath(source), os.fspath(output), model=model, options=options,
+                address=ray_address or None, num_actors=num_actors,
+                num_gpus_per_actor=gpus_per_actor,
             )
         else:
-            from .wds import tokenize_shards
+            from .shards import tokenize_shards
 
-            manifest = tokenize_shards(os.fspath(source), os.fspath(output), progress=progress,
-                                       **kwargs)
-        summary = _manifest_summary(manifest)
-        summary["seconds"] = round(time.perf_counter() - start, 2)
-        return summary
+            manifest = tokenize_shards(os.fspath(source), os.fspath(output), model=model,
+                                       options=options, progress=progress)
+        return manifest_summary(manifest) | {"seconds": round(time.perf_counter() - start, 2)}
     import datasets
 
     if not progress:
@@ -143,19 +117,21 @@ def encode(
 
         dataset = distributed.split_dataset(dataset)
         output = Path(output) / f"process-{distributed.process_index():05d}"
-    tokenizer = VQGANTokenizer(
-        model, image_column=image_column, image_size=image_size, batch_size=batch_size,
-        on_error=on_error, value_range=value_range, dtype=dtype, keep_image=keep_image,
-    )
+    tokenizer = VQGANTokenizer(model, options=options, value_range=value_range, dtype=dtype)
     tokens = tokenizer.apply(dataset, desc="vqgan-datasets encode")
     tokens.save_to_disk(os.fspath(output))
     seconds = time.perf_counter() - start
+    # Counted from the output, so that a cache hit (nothing encoded in this process) reports
+    # the same numbers as the run that made it.
+    nulls = tokens.data.column(tokenizer.output_column).null_count
     return {
         "output": os.fspath(output),
+        "complete": True,  # a bad image under "raise" raised; skip/null rows are counted
         "rows_in": len(dataset),
         "rows_out": len(tokens),
-        "skipped": tokenizer.stats.skipped,
-        "nulls": tokenizer.stats.nulls,
+        "encoded": len(tokens) - nulls,
+        "skipped": len(dataset) - len(tokens),
+        "nulls": nulls,
         "seconds": round(seconds, 2),
         "images_per_second": round(len(dataset) / seconds, 2) if seconds else None,
         "tokens_per_image": tokenizer.spec.sequence_length,
@@ -163,13 +139,28 @@ def encode(
     }
 
 
-def _manifest_summary(manifest: Any) -> dict[str, Any]:
-    if dataclasses.is_dataclass(manifest):
-        data = dataclasses.asdict(manifest)
-        return {k: v for k, v in data.items() if k != "shards"} | {
-            "shards": len(data.get("shards", []))
-        }
-    return dict(manifest)
+MAX_LISTED_FAILURES = 10  # failed shards named in a summary; the manifest lists every one
+
+
+def manifest_summary(manifest: Manifest) -> dict[str, Any]:
+    """A shard run's summary: shards done (written now or finished before) and failed, sample
+    counts over the shards done, and whether the run is complete (no shard failed)."""
+    failed = manifest.failed_shards
+    return {
+        "output": manifest.output,
+        "manifest": manifest.path,
+        "complete": not failed,
+        "shards": len(manifest.written) + len(manifest.finished),
+        "shards_written": len(manifest.written),
+        "shards_finished_before": len(manifest.finished),
+        "shards_failed": len(failed),
+        "shards_total": len(manifest.shards),
+        **manifest.totals,
+        "members_skipped": manifest.members_skipped,  # tar members that were no sample, by why
+        "images_per_second": round(manifest.images_per_second, 2),
+        "failed_shards": [{"url": s.url, "error": s.error} for s in failed[:MAX_LISTED_FAILURES]],
+        "tokens_per_image": math.prod(manifest.spec.get("grid") or [0]) or None,
+    }
 
 
 def decode(
@@ -177,65 +168,163 @@ def decode(
     output: str | os.PathLike,
     *,
     model: Any = None,
+    options: EncodeOptions | None = None,
     token_column: str | None = None,
-    batch_size: int = 8,
+    batch_size: int | None = None,
     image_format: str = "png",
     limit: int | None = None,
 ) -> dict[str, Any]:
-    """Decode a token dataset (directory written by `encode`) or token shards into image files
-    `output/{name}.{format}`, named by the file_name/key column when there is one."""
+    """Decode tokens into image files `output/{name}.{format}`.
+
+    `source`: a token dataset (a datasets directory, parquet files, a Hub layout directory) or
+    token tar shards (a folder of them, a pattern, paths). `model` defaults to the one recorded
+    with the tokens (a given one must match the record). `options` read as the tokenizer's:
+    tokens in `output_field` (or `token_column`; for shards, the token field, "vqgan.npy"),
+    `batch_size` per device. Files are named after the file_name/key column, made safe (no
+    folders, no hidden or over-long names) and unique: a name already taken in this run, or
+    too long, gets a short hash of its key (`"renamed"` counts them). `"images"` counts the
+    files written."""
+    from .options import encode_options
+
+    options = encode_options(options, output_field=token_column, batch_size=batch_size)
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    written = 0
-    for name, image in _decoded_images(source, model, token_column, batch_size, limit):
-        from PIL import Image
+    names, written = _FileNames(image_format), 0
+    from PIL import Image
 
-        stem = Path(str(name)).with_suffix("").as_posix().replace("/", "_")
-        Image.fromarray(image).save(output / f"{stem}.{image_format}")
+    for key, image in _decoded_images(source, model, options, limit):
+        Image.fromarray(image).save(output / names.name(key))
         written += 1
     seconds = time.perf_counter() - start
-    return {"output": str(output), "images": written, "seconds": round(seconds, 2)}
+    return {"output": str(output), "images": written, "renamed": names.renamed,
+            "renamed_examples": names.examples, "seconds": round(seconds, 2)}
 
 
-def _decoded_images(source, model, token_column, batch_size, limit):
-    """(name, uint8 image) pairs from a token dataset or token shards."""
-    import itertools
+MAX_NAME_BYTES = 200  # a file name's stem; with the hash and the format, under 255 bytes
 
-    if is_shard_source(source):
-        from . import wds
 
-        if model is None:
-            raise ValueError("decoding shards needs --model (shards carry no model reference)")
-        samples = itertools.chain.from_iterable(wds.read_shard(u) for u in wds.expand_urls(source))
-        stage = wds.decode(model, output_format="numpy", batch_size=batch_size, keep_tokens=False)
+class _FileNames:
+    """Safe, unique file names for decoded images, one per key, within one run."""
+
+    def __init__(self, image_format: str) -> None:
+        self.suffix = f".{image_format}"
+        self.taken: set[str] = set()  # casefolded: unique on case-insensitive file systems too
+        self.renamed = 0
+        self.examples: dict[str, str] = {}
+
+    def name(self, key: object) -> str:
+        text = str(key)
+        if os.path.splitext(text)[1].lower() in IMAGE_SUFFIXES:  # a file_name's own suffix
+            text = os.path.splitext(text)[0]
+        # One flat folder: separators become "_", and no hidden, empty or control-char names.
+        stem = "".join("_" if c in "/\\" or not c.isprintable() else c for c in text)
+        stem = stem.strip(". ") or "_"
+        digest = hashlib.sha256(str(key).encode("utf-8", "surrogatepass")).hexdigest()[:8]
+        if len(stem.encode()) > MAX_NAME_BYTES:
+            stem = stem.encode()[:MAX_NAME_BYTES - 9].decode(errors="ignore") + "-" + digest
+        name, n = stem + self.suffix, 1
+        while name.casefold() in self.taken:
+            n += 1
+            name = f"{stem}-{digest}{'' if n == 2 else f'-{n - 1}'}{self.suffix}"
+        if name != text.replace("/", "_") + self.suffix:
+            self.renamed += 1
+            if len(self.examples) < MAX_LISTED_FAILURES:
+                self.examples[str(key)] = name
+        self.taken.add(name.casefold())
+        return name
+
+
+def _decoded_images(source, model, options, limit) -> Iterator[tuple[object, np.ndarray]]:
+    """(key, uint8 image) pairs from a token dataset or token shards."""
+    urls = find_token_shards(source)
+    if urls is not None:
+        from . import stages, storage
+
+        model, spec = _shard_model(os.fspath(source), model)
+        samples = itertools.chain.from_iterable(storage.read_shard(u) for u in urls)
+        stage = stages.decode(model, input_key=options.output_field or "vqgan.npy",
+                              output_format="numpy", batch_size=options.batch_size,
+                              keep_tokens=False, grid=None if spec is None else tuple(spec.grid))
         for sample in itertools.islice(stage(samples), limit):
             yield sample["__key__"], sample["png"]
         return
-    import datasets
-
     from .engine import get_engine
-    from .hf import VQGANDetokenizer
 
-    dataset = datasets.load_from_disk(os.fspath(source))
-    detok = VQGANDetokenizer.from_dataset(dataset, model=model, token_column=token_column,
-                                          batch_size=batch_size)
+    dataset, detok = _token_dataset_and_decoder(source, model, options)
     if limit is not None:
         dataset = dataset.select(range(min(limit, len(dataset))))
-    names = _row_names(dataset)
+    names = row_names(dataset)
     column = detok.token_column
     codes = (np.asarray(row[column]) for row in dataset.with_format("numpy", columns=[column]))
-    engine = get_engine(detok.model, batch_size=batch_size)
-    for name, result in zip(names, engine.decode_iter(codes, keys=names), strict=True):
+    engine = get_engine(detok.model, **options.engine_kwargs())
+    results = engine.decode_iter(codes, keys=names, grid=detok.grid)
+    for name, result in zip(names, results, strict=True):
         yield name, result.image
 
 
-def _row_names(dataset: Any) -> list[str]:
-    for column in ("file_name", "__key__", "key", "id", "path"):
-        if column in dataset.column_names:
-            return [str(v) for v in dataset[column]]
-    width = len(str(max(len(dataset) - 1, 0)))
-    return [f"{i:0{width}d}" for i in range(len(dataset))]
+def _token_dataset_and_decoder(source, model, options):
+    """The token dataset at `source` and its decoder, from the record in the dataset's info or
+    in the dataset card (README.md) of its folder; without a record, `model` is required."""
+    import datasets
+
+    from .hf import VQGANDetokenizer
+    from .hf_hub import read_column_metadata
+
+    path = Path(os.fspath(source))
+    parquet = parquet_files(path) if not (path / "state.json").is_file() else []
+    if parquet:
+        dataset = datasets.load_dataset("parquet", data_files=[str(p) for p in parquet],
+                                        split="train")
+    else:
+        dataset = datasets.load_from_disk(str(path))
+        if isinstance(dataset, datasets.DatasetDict):
+            dataset = dataset["train"] if "train" in dataset else next(iter(dataset.values()))
+    column = options.output_field
+    cards = [d for d in (path, *path.parents[:2]) if (d / "README.md").is_file()]
+    for record in (dataset, *(str(d) for d in cards)):
+        try:
+            read_column_metadata(record, column)
+        except ValueError:
+            continue
+        decoder = VQGANDetokenizer.from_dataset(record, model=model, token_column=column,
+                                                batch_size=options.batch_size)
+        return dataset, decoder
+    if model is None:
+        raise ValueError(
+            f"{source}: no tokenizer record in the dataset's info or a dataset card (README.md); "
+            "pass --model (model=) with the model that made the tokens"
+        )
+    return dataset, VQGANDetokenizer(model, token_column=column, batch_size=options.batch_size)
+
+
+def _shard_model(source, model: Any) -> tuple[Any, TokenizerSpec | None]:
+    """The model to decode token shards with, and their recorded spec (the first shard's stats
+    file or the folder's manifest.json); a given model must match the record."""
+    from .handle import ModelHandle
+    from .manifest import TokenSpecNotFound, read_token_spec
+
+    try:
+        spec = read_token_spec(source)
+    except TokenSpecNotFound:
+        if model is None:
+            raise
+        return model, None
+    if model is None:
+        model = spec.model_name
+        if model is None or (os.path.isabs(model) and not os.path.isdir(model)):
+            raise ValueError(
+                f"the tokens in {source} were made by {model or 'an in-memory model'}, which "
+                f"is not available here; pass --model (model=) with weights {spec.weights_digest}"
+            )
+        handle = ModelHandle(model, revision=spec.revision, value_range=spec.value_range)
+    else:
+        handle = ModelHandle.of(model, value_range=spec.value_range)
+    reason = spec.mismatch(handle.spec(spec.image_size))
+    if reason:
+        what = handle.ref or "this model"
+        raise ValueError(f"the tokens in {source} cannot be decoded by {what}: {reason}")
+    return handle, spec
 
 
 def _sample_images(source: str | os.PathLike, count: int) -> tuple[list[Any], list[str]]:
@@ -244,7 +333,7 @@ def _sample_images(source: str | os.PathLike, count: int) -> tuple[list[Any], li
     import datasets
 
     images = list(dataset.cast_column("image", datasets.Image(decode=False))["image"])
-    return images, _row_names(dataset)
+    return images, row_names(dataset)
 
 
 def preview(
@@ -293,11 +382,11 @@ def _token_dataset(path: Path) -> tuple[Any, str, Any] | None:
         return None
     import datasets
 
-    from .hf import _read_column_metadata
+    from .hf_hub import read_column_metadata
 
     dataset = datasets.load_from_disk(str(path))
     try:
-        column, spec = _read_column_metadata(dataset, None)
+        column, spec = read_column_metadata(dataset, None)
     except ValueError:
         return None
     return dataset, column, spec
@@ -305,15 +394,12 @@ def _token_dataset(path: Path) -> tuple[Any, str, Any] | None:
 
 def _load_model(model: Any, *, dtype: str | None = None,
                 value_range: tuple[float, float] | None = None):
+    from .handle import ModelHandle
     from .hf import DEFAULT_MODEL
-    from .modeling import VQModel
 
-    if isinstance(model, VQModel):
-        return model
-    kwargs: dict[str, Any] = {"value_range": value_range}
-    if dtype is not None:
-        kwargs["dtype"] = dtype
-    return VQModel.from_pretrained(DEFAULT_MODEL if model is None else os.fspath(model), **kwargs)
+    handle = ModelHandle.of(DEFAULT_MODEL if model is None else model, dtype=dtype,
+                            value_range=value_range)
+    return handle.load()
 
 
 def info(model: Any = None) -> dict[str, Any]:
@@ -348,8 +434,8 @@ def convert(
     value_range: tuple[float, float] = (-1.0, 1.0),
     unsafe_pickle: bool = False,
 ) -> Path:
-    """A taming-transformers .ckpt → a model directory (see checkpoints.convert_taming_checkpoint)."""
-    from .checkpoints import convert_taming_checkpoint
+    """A taming-transformers .ckpt → a model directory (see taming.convert_taming_checkpoint)."""
+    from .taming import convert_taming_checkpoint  # here: the CLI imports jobs without JAX
 
     return convert_taming_checkpoint(checkpoint, output_dir, config, value_range=value_range,
                                      unsafe_pickle=unsafe_pickle)

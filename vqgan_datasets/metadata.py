@@ -17,12 +17,26 @@ from . import __version__
 # Bump when the meaning of tokens written by this library changes (layout, preprocessing).
 FORMAT_VERSION = 1
 PREPROCESSING = "rgb(alpha over white, exif) > resize shortest side LANCZOS > center crop"
+# The recorded preprocessing per mode. "exact" is the full decode, recorded as the old
+# draft=False runs were (the same pixels, so their outputs stay valid); "fast" decodes JPEGs at
+# a reduced DCT scale first. Records of the old drafted default say PREPROCESSING alone.
+PREPROCESS_RECORDS = {
+    "exact": f"{PREPROCESSING}; full JPEG decode (no draft)",
+    "fast": f"{PREPROCESSING}; fast: DCT-scaled JPEG decode, antialiased resize",
+}
 
 
-def preprocessing(draft: bool = True) -> str:
-    """The recorded preprocessing. images.py drafts large JPEGs by default, so PREPROCESSING
-    names the default; the full decode (slightly different pixels, hence tokens) says so."""
-    return PREPROCESSING if draft else f"{PREPROCESSING}; full JPEG decode (no draft)"
+def preprocessing(preprocess: str = "exact", *, draft: bool | None = None) -> str:
+    """The recorded preprocessing of a mode ("exact" or "fast"); `draft` is deprecated and
+    ignored (drafting is preprocess="fast"), also when passed in its old place."""
+    if isinstance(preprocess, bool):  # the old positional `draft`
+        preprocess = "exact"
+    if preprocess not in PREPROCESS_RECORDS:
+        raise ValueError(f"preprocess must be one of {tuple(PREPROCESS_RECORDS)}, "
+                         f"got {preprocess!r}")
+    return PREPROCESS_RECORDS[preprocess]
+
+
 METADATA_KEY = "vqgan_datasets"  # key in Arrow schema metadata / dataset card / shard stats
 
 
@@ -47,7 +61,8 @@ class TokenizerSpec:
     @classmethod
     def describe(cls, config: Any, weights_digest: str, *, model_name: str | None = None,
                  revision: str | None = None, image_size: int | None = None,
-                 compute_dtype: str = "float32", draft: bool = True) -> TokenizerSpec:
+                 compute_dtype: str = "float32", preprocess: str = "exact",
+                 draft: bool | None = None) -> TokenizerSpec:
         """The spec of a model known by its config and weights digest (no weights needed)."""
         size = int(image_size or config.resolution)
         return cls(
@@ -61,17 +76,26 @@ class TokenizerSpec:
             token_dtype=config.token_dtype,
             value_range=tuple(config.value_range),
             compute_dtype=compute_dtype,
-            preprocessing=preprocessing(draft),
+            preprocessing=preprocessing(preprocess),
         )
 
     @classmethod
     def from_model(cls, model: Any, image_size: int | None = None, *,
-                   draft: bool = True) -> TokenizerSpec:
+                   preprocess: str = "exact", draft: bool | None = None) -> TokenizerSpec:
         """The spec of `model` (a VQModel) encoding square images of `image_size`."""
         dtype = str(model.dtype.name if hasattr(model.dtype, "name") else model.dtype)
         return cls.describe(model.config, model.weights_digest, model_name=model.name,
                             revision=model.revision, image_size=image_size,
-                            compute_dtype=dtype, draft=draft)
+                            compute_dtype=dtype, preprocess=preprocess)
+
+    @property
+    def preprocess(self) -> str | None:
+        """"exact" or "fast" for records this version writes; None for older records (the
+        drafted default of earlier versions), whose pixels neither mode reproduces."""
+        for mode, record in PREPROCESS_RECORDS.items():
+            if self.preprocessing == record:
+                return mode
+        return None
 
     @property
     def sequence_length(self) -> int:

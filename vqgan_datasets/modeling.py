@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import checkpoints
 from .config import VQGANConfig
 from .layers import Dtype, Level, MidBlock, VectorQuantizer, conv_layer, norm_layer
 from .layers import nearest_codes as nearest_codes  # re-exported: model/train_demo.py imports it
@@ -313,8 +314,6 @@ class VQModel:
 
         `_do_init=False` returns `(model, params)` as vqgan-jax/transformers do.
         """
-        from . import checkpoints
-
         if unused:
             import logging
 
@@ -327,7 +326,7 @@ class VQModel:
         if value_range is not None:
             config = config.replace(value_range=tuple(value_range))
         file = checkpoints.weights_file(directory)
-        params = checkpoints.read_params(file, config)
+        params = checkpoints.read_params(file, param_shapes(config))
         source = checkpoints.CheckpointSource(
             name=str(name_or_path),
             revision=commit,
@@ -340,18 +339,14 @@ class VQModel:
     def save_pretrained(self, save_directory: str, params: dict | None = None, *,
                         formats: tuple[str, ...] = ("safetensors", "msgpack")) -> None:
         """Write config.json, model.safetensors and flax_model.msgpack (vqgan-jax reads the latter)."""
-        from . import checkpoints
-
         checkpoints.save(save_directory, self.config, params if params is not None else self.params,
-                         formats=formats)
+                         param_shapes(self.config), formats=formats)
 
     @property
     def weights_digest(self) -> str:
         """A content hash of the weights, computed once (from the file when loaded from one)."""
         if self._digest is None:
-            from .checkpoints import params_digest
-
-            self._digest = params_digest(self.params)
+            self._digest = checkpoints.params_digest(self.params)
         return self._digest
 
     @property

@@ -4,7 +4,9 @@
   token shards on a pool of Ray actors, one input shard per task, **exactly once**: every task
   calls the same `shards.convert_shard` as `tokenize_shards` (temp file + rename, stats file last),
   finished shards are skipped before scheduling and again inside the worker, so a task Ray
-  retries after an actor died redoes an unfinished shard or finds it finished. Same outputs,
+  retries after an actor died redoes an unfinished shard or finds it finished (a shard is
+  written only under its claim: a retry whose first attempt still runs waits for it). The
+  driver holds a run record in the output folder, as `tokenize_shards` does. Same outputs,
   byte for byte, as `tokenize_shards`; a `manifest.json` at the end. Only shard URLs and small
   reports travel through Ray; images are read, and tokens written, by the workers themselves.
 - `RayTokenizer`: a callable class for `ds.map_batches(RayTokenizer, ...)` on any Ray Dataset
@@ -24,17 +26,17 @@ import json
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
-from . import shards as shards_lib
-from .images import OnError
-from .metadata import TokenizerSpec
+from . import storage
+from .convert import ShardOptions, convert_shard, engine_for, plan
+from .handle import ModelHandle
+from .manifest import MANIFEST_NAME, Manifest, ShardReport, log_summary, normalize_output
 from .modeling import VQModel
-from .shards import Manifest, ShardOptions, ShardReport, convert_shard
-from .wds import DEFAULT_IMAGE_KEY, SampleError, _load_model, _portable_reference
+from .options import EncodeOptions, SampleError, encode_options
 
 if importlib.util.find_spec("ray") is None:  # ray itself is imported on first use: it is slow
     raise ImportError(
@@ -45,12 +47,6 @@ __all__ = ["RayTokenizer", "tokenize"]
 
 logger = logging.getLogger(__name__)
 
-# Test-only fault injection, read in the shard workers and nowhere else: "N:path" makes the first
-# worker that writes its N-th sample of a shard create `path` and exit at once (os._exit), as a
-# killed actor would. The file makes it happen once, not again in the actor Ray restarts.
-_TEST_EXIT_ENV = "_VQGAN_DATASETS_TEST_EXIT_AFTER"
-_ON_ERROR = ("raise", "skip", "null")
-
 
 # ------------------------------------------------------------------------------ tokenize
 
@@ -59,63 +55,93 @@ def tokenize(
     inputs: str | Sequence[str],
     output: str | os.PathLike,
     *,
-    model: VQModel | str | os.PathLike,
+    model: VQModel | str | os.PathLike | ModelHandle,
     revision: str | None = None,
+    options: EncodeOptions | None = None,
     image_size: int | None = None,
-    image_key: str | Sequence[str] = DEFAULT_IMAGE_KEY,
-    output_key: str = "vqgan.npy",
-    keep_image: bool = False,
-    on_error: OnError = "skip",
-    error_key: str = "vqgan_error",
-    batch_size: int = 8,
-    draft: bool = True,
+    image_key: str | Sequence[str] | None = None,
+    output_key: str | None = None,
+    keep_image: bool | None = None,
+    on_error: str | None = None,
+    error_key: str | None = None,
+    batch_size: int | None = None,
+    preprocess: str | None = None,
+    workers: int | None = None,
+    draft: bool | None = None,
     overwrite: bool = False,
     num_actors: int | None = None,
     num_gpus_per_actor: float = 0,
     num_cpus_per_actor: float | None = None,
     address: str | None = None,
     ray_remote_args: dict[str, Any] | None = None,
+    on_sample_written: Callable[[str, int], Any] | None = None,
 ) -> Manifest:
     """`tokenize_shards` on a Ray actor pool: the same outputs, stats files and resume rules.
 
     `model`: a Hub id, a checkpoint directory every node can read, or a VQModel loaded from
     either (an in-memory model raises: its weights would have to be shipped). Each actor loads
     it once and converts one shard per task on its devices: `num_gpus_per_actor` GPUs (Ray
-    sets CUDA_VISIBLE_DEVICES; the engine uses all of them), `batch_size` per device.
+    sets CUDA_VISIBLE_DEVICES; the engine uses all of them), `batch_size` per device. Settings:
+    `options=EncodeOptions(...)` or the keyword shortcuts, as for `tokenize_shards`
+    (on_error="raise", the default, fails a shard with a bad sample and goes on).
     `num_actors` defaults to the cluster's GPUs / num_gpus_per_actor, or one actor per node
     for CPU actors, and never more than the shards left. Connects to `address` (e.g.
     "ray://head:10001" or "auto"), or uses the Ray already initialized in this process, or
     starts one as `ray.init()` does. `ray_remote_args` go to `map_batches` (e.g.
-    `{"runtime_env": {...}, "resources": {...}}`). Returns the manifest of every shard and
-    writes it to `<output>/manifest.json`.
+    `{"runtime_env": {...}, "resources": {...}}`). `on_sample_written(url, samples_read)` runs
+    in the workers after each sample written (it must pickle). Returns the manifest of every
+    shard and writes it to `<output>/manifest.json`.
     """
     started = time.monotonic()
-    options = ShardOptions(image_size=image_size, image_key=image_key, output_key=output_key,
-                           keep_image=keep_image, on_error=on_error, error_key=error_key,
-                           batch_size=batch_size, draft=draft, overwrite=overwrite)
-    ref = _portable_reference(model, revision=revision)
-    spec = _describe(model, ref, image_size, draft)
-    output = shards_lib._normalize_output(output)
-    urls = shards_lib.expand_urls(inputs)
-    plan = shards_lib._plan(urls, output, None, spec, options)
-    reports: dict[int, ShardReport] = dict(plan.finished)
+    opts = encode_options(options, image_size=image_size, image_key=image_key,
+                          output_key=output_key, keep_image=keep_image, on_error=on_error,
+                          error_key=error_key, batch_size=batch_size, preprocess=preprocess,
+                          workers=workers, draft=draft)
+    # Pinned to the commit resolved here, so that every worker loads the same weights; the
+    # spec comes from config.json and the digest, without loading the weights.
+    handle = ModelHandle.of(model, revision=revision).portable()
+    spec = handle.spec(opts.image_size, preprocess=opts.preprocess)
+    output = normalize_output(output)
+    urls = storage.expand_urls(inputs)
+    todo = plan(urls, output, None, spec, opts, overwrite=overwrite)
+    try:
+        reports = _convert(todo, urls, handle, opts, overwrite, num_actors, num_gpus_per_actor,
+                           num_cpus_per_actor, address, ray_remote_args, on_sample_written)
+    finally:
+        todo.close()
+    manifest = Manifest(output=output, shards=[reports[i] for i in range(len(urls))],
+                        spec=spec.to_dict(), seconds=time.monotonic() - started)
+    manifest.path = storage.join(todo.directory, MANIFEST_NAME)
+    storage.write_json(manifest.path, manifest.to_dict())
+    log_summary(manifest, "ray tokenize")
+    return manifest
+
+
+def _convert(todo, urls, handle, opts, overwrite, num_actors, num_gpus_per_actor,
+             num_cpus_per_actor, address, ray_remote_args, on_sample_written
+             ) -> dict[int, ShardReport]:
+    """Every unfinished shard of the plan on the actor pool; reports by shard index."""
+    reports: dict[int, ShardReport] = dict(todo.finished)
     pending = [i for i in range(len(urls)) if i not in reports]
-    _remove_leftovers(plan, pending, fresh=False)
+    todo.remove_leftovers(pending, fresh=False)
 
     if pending:
         ray = _connect(address)
         actors = num_actors or _default_actors(ray, num_gpus_per_actor)
         actors = max(1, min(int(actors), len(pending)))
-        items = [{"index": i, "url": urls[i], "output": plan.outputs[i]} for i in pending]
+        items = [{"index": i, "url": urls[i], "output": todo.outputs[i]} for i in pending]
         remote_args = dict(ray_remote_args or {})
         if num_cpus_per_actor is not None:
             remote_args["num_cpus"] = num_cpus_per_actor
         logger.info("ray tokenize: %d shards to convert (%d finished before) on %d actors "
                     "with %s GPUs each", len(pending), len(reports), actors, num_gpus_per_actor)
         # One block per shard and batch_size=1: one shard per task, so a retry redoes one shard.
+        worker_options = ShardOptions(**{**opts.fields(), "overwrite": overwrite})
         converted = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-            _ShardWorker,
-            fn_constructor_kwargs={"model": ref, "options": options},
+            ShardWorker,
+            fn_constructor_kwargs={"model": handle, "options": worker_options,
+                                   "on_sample_written": on_sample_written,
+                                   "run_id": todo.run_id},
             batch_size=1,
             batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(size=actors),
@@ -125,46 +151,8 @@ def tokenize(
         for row in converted.iter_rows():
             reports[int(row["index"])] = ShardReport.from_dict(json.loads(row["report"]))
         # Temporary files of attempts that died (a killed actor's shard, redone by its retry).
-        _remove_leftovers(plan, pending, fresh=True)
-
-    manifest = Manifest(output=output, shards=[reports[i] for i in range(len(urls))],
-                        spec=spec.to_dict(), seconds=time.monotonic() - started)
-    manifest.path = shards_lib._join(plan.directory, shards_lib.MANIFEST_NAME)
-    shards_lib._write_json(manifest.path, manifest.to_dict())
-    shards_lib._log_summary(manifest, "ray tokenize")
-    return manifest
-
-
-def _describe(model: VQModel | str | os.PathLike, ref: dict[str, Any],
-              image_size: int | None, draft: bool) -> TokenizerSpec:
-    """The spec the workers will compute, found on the driver without loading the weights.
-
-    For a Hub id, pins `ref` to the commit found here, so that every worker loads the same one.
-    """
-    if isinstance(model, VQModel):
-        return TokenizerSpec.from_model(model, image_size, draft=draft)
-    from . import checkpoints
-
-    directory, commit = checkpoints.resolve(ref["path"], revision=ref.get("revision"))
-    config = checkpoints.load_config(directory, name=ref["path"])
-    digest = checkpoints.file_digest(checkpoints.weights_file(directory))
-    ref.update({"digest": digest, **({"revision": commit} if commit else {})})
-    return TokenizerSpec.describe(config, digest, model_name=ref["path"], revision=commit,
-                                  image_size=image_size, draft=draft)
-
-
-def _remove_leftovers(plan, indices: Sequence[int], *, fresh: bool) -> None:
-    """Remove the temporary files interrupted attempts left for these shards (from the run's
-    listing, or from a new one after the run)."""
-    listings = plan.listings
-    if fresh:
-        folders = {shards_lib._split(plan.outputs[i])[0] for i in indices}
-        listings = {folder: shards_lib._list_names(folder) for folder in folders}
-    for i in indices:
-        target = plan.outputs[i]
-        for leftover in shards_lib._leftovers(target, listings[shards_lib._split(target)[0]]):
-            logger.info("removing %s, left by an interrupted attempt", leftover)
-            shards_lib._remove(leftover)
+        todo.remove_leftovers(pending, fresh=True)
+    return reports
 
 
 def _connect(address: str | None):
@@ -193,42 +181,30 @@ def _default_actors(ray, num_gpus_per_actor: float) -> int:
     return max(1, sum(1 for node in ray.nodes() if node.get("Alive")))
 
 
-class _ShardWorker:
+class ShardWorker:
     """A Ray actor: loads the model once, then converts one shard per call."""
 
-    def __init__(self, model: dict[str, Any], options: ShardOptions) -> None:
-        from .engine import get_engine
-
+    def __init__(self, model: ModelHandle, options: ShardOptions,
+                 on_sample_written: Callable[[str, int], Any] | None = None,
+                 run_id: str | None = None) -> None:
         self.options = options
-        self.engine = get_engine(_load_model(model), batch_size=options.batch_size)
-        fault = os.environ.get(_TEST_EXIT_ENV)
-        if fault:
-            shards_lib._after_sample_hook = _exit_once(fault)
+        self.run_id = run_id
+        self.handle = model  # holds the model: the engine refers to it only weakly
+        self.engine = engine_for(model, options)
+        self.on_sample_written = on_sample_written
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         reports = [
-            # Looks afresh (no listing): a retried task may find its shard finished already.
-            convert_shard(str(url), str(output), model=self.engine, options=self.options)
+            # Looks afresh (no listing): a retried task may find its shard finished already, or
+            # still claimed by the attempt it replaces (then it waits for that one).
+            convert_shard(str(url), str(output), model=self.engine, options=self.options,
+                          on_sample_written=self.on_sample_written, run_id=self.run_id)
             for url, output in zip(batch["url"], batch["output"], strict=True)
         ]
         return {
             "index": np.asarray(batch["index"]),
             "report": np.array([json.dumps(r.to_dict()) for r in reports], dtype=object),
         }
-
-
-def _exit_once(spec: str):
-    count, path = spec.split(":", 1)
-
-    def hook(url: str, written: int) -> None:
-        if written >= int(count):
-            try:
-                os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-            except FileExistsError:
-                return
-            os._exit(1)
-
-    return hook
 
 
 # ------------------------------------------------------------------------------ RayTokenizer
@@ -246,49 +222,51 @@ class RayTokenizer:
     uint8 HWC arrays (read_images' "image"), Hugging Face image structs ({"bytes", "path"} from
     read_parquet / from_huggingface) or paths. `output_column` gets h*w tokens per row, raster
     order, in the smallest unsigned dtype for the codebook (uint16 for 16,384 codes). Bad
-    images: "null" (default) keeps the row with zero tokens and the reason in `error_column`
-    (default f"{output_column}_error"; None for good rows; Ray tensor columns cannot hold
-    nulls), "skip" drops the row, "raise" fails the task naming the row's `__key__` or index.
-    The image column is dropped unless `keep_image`. `batch_size` is per device. Each actor
-    loads `model` (Hub id or checkpoint directory, or a VQModel when called in-process) once.
+    images: "raise" (default) fails the task naming the row's `__key__` or index, "null"
+    keeps the row with zero tokens and the reason in `error_column` (default
+    f"{output_column}_error"; None for good rows; Ray tensor columns cannot hold nulls), "skip"
+    drops the row. The image column is dropped unless `keep_image`. `batch_size` is per
+    device. Settings: `options=EncodeOptions(...)` or the keyword shortcuts. Each actor loads
+    `model` (Hub id or checkpoint directory, or a VQModel when called in-process) once.
     """
 
     def __init__(
         self,
-        model: VQModel | str | os.PathLike,
+        model: VQModel | str | os.PathLike | ModelHandle,
         *,
-        image_column: str = "image",
-        output_column: str = "vqgan_tokens",
-        image_size: int | None = None,
-        on_error: OnError = "null",
-        batch_size: int = 8,
-        keep_image: bool = False,
+        options: EncodeOptions | None = None,
+        image_column: str | None = None,
+        output_column: str | None = None,
         error_column: str | None = None,
+        image_size: int | None = None,
+        on_error: str | None = None,
+        batch_size: int | None = None,
+        keep_image: bool | None = None,
+        preprocess: str | None = None,
+        workers: int | None = None,
         revision: str | None = None,
         dtype: str | None = None,
         value_range: tuple[float, float] | None = None,
-        draft: bool = True,
+        draft: bool | None = None,
     ) -> None:
-        if on_error not in _ON_ERROR:
-            raise ValueError(f"on_error must be one of {_ON_ERROR}, got {on_error!r}")
-        if output_column == image_column:
+        self.options = encode_options(
+            options, image_column=image_column, output_column=output_column,
+            error_column=error_column, image_size=image_size, on_error=on_error,
+            batch_size=batch_size, keep_image=keep_image, preprocess=preprocess, workers=workers,
+            draft=draft,
+        )
+        self.image_column = self.options.image_fields(("image",))[0]
+        self.output_column = self.options.output_field or "vqgan_tokens"
+        if self.output_column == self.image_column:
             raise ValueError("output_column must differ from image_column")
-        self.image_column = image_column
-        self.output_column = output_column
-        self.error_column = error_column or f"{output_column}_error"
-        self.on_error = on_error
-        self.keep_image = bool(keep_image)
-        self.draft = bool(draft)
-        if isinstance(model, VQModel):
-            self.model = model
-        else:
-            ref = {"path": os.fspath(model), "revision": revision, "dtype": dtype,
-                   "value_range": None if value_range is None else list(value_range)}
-            self.model = _load_model({k: v for k, v in ref.items() if v is not None})
-        from .engine import get_engine
-
-        self.engine = get_engine(self.model, batch_size=batch_size)
-        self.spec = TokenizerSpec.from_model(self.model, image_size, draft=self.draft)
+        self.error_column = self.options.error_field or f"{self.output_column}_error"
+        self.on_error = self.options.on_error
+        self.keep_image = self.options.keep_image
+        self.handle = ModelHandle.of(model, revision=revision, dtype=dtype,
+                                     value_range=value_range)
+        self.model = self.handle.load()
+        self.engine = engine_for(self.handle, self.options)
+        self.spec = self.handle.spec(self.options.image_size, preprocess=self.options.preprocess)
 
     def __call__(self, batch: Any) -> dict[str, np.ndarray]:
         columns = _numpy_columns(batch)
@@ -301,7 +279,7 @@ class RayTokenizer:
         keys = [str(k) for k in keys] if keys is not None else list(range(n))
         results = self.engine.encode_iter(
             _rows(images), image_size=self.spec.image_size, keys=keys, on_error="null",
-            draft=self.draft,
+            preprocess=self.options.preprocess,
         )
         tokens = np.zeros((n, self.spec.sequence_length), np.dtype(self.spec.token_dtype))
         errors = np.full(n, None, dtype=object)

@@ -1,0 +1,139 @@
+"""Batches of inputs: cut from a stream (`chunked`), and filled in while they are preprocessed.
+
+A `Batch` holds the rows of one batch while whoever runs its samples (`workers.WorkerPool`:
+worker processes or threads) records each outcome with `complete`; `result()` waits for all of
+them and returns a `Prepared`: the good rows stacked in input order and, per input, why it
+failed. Samples on threads here are tracked so that `result()` can fail those past their time
+budget (a thread cannot be stopped; its late result is dropped).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import itertools
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["Batch", "LocalTask", "Prepared", "chunked", "took_too_long"]
+
+
+def chunked(items: Iterator, keys: Iterable | None, size: int) -> Iterator[tuple[list, list]]:
+    """(keys, items) lists of `size` from an iterator; keys default to running indices."""
+    key_iter = itertools.count() if keys is None else iter(keys)
+    index = 0
+    while True:
+        chunk_items = list(itertools.islice(items, size))
+        if not chunk_items:
+            return
+        chunk_keys = list(itertools.islice(key_iter, len(chunk_items)))
+        if len(chunk_keys) != len(chunk_items):
+            raise ValueError(
+                f"keys ran out after {index + len(chunk_keys)} keys, before the inputs did"
+            )
+        index += len(chunk_items)
+        yield chunk_keys, chunk_items
+
+
+@dataclass
+class Prepared:
+    """One batch preprocessed: good rows stacked in input order, and why each failure failed."""
+
+    pixels: np.ndarray  # uint8 [n_ok, S, S, 3]
+    ok: np.ndarray  # bool [n]
+    reasons: list[str | None]  # per input: None, or why it failed (without the key)
+
+
+@dataclass
+class LocalTask:
+    """A sample on a thread of this process: its row, its future, when its thread took it up."""
+
+    index: int
+    future: concurrent.futures.Future | None = None
+    started: float | None = None
+
+
+def took_too_long(timeout_s: float, where: str) -> str:
+    """The reason a sample fails when it ran past `sample_timeout_s` (`where`: what was done)."""
+    return f"took longer than {timeout_s:g} s to preprocess (sample_timeout_s; {where})"
+
+
+class Batch:
+    """Inputs being preprocessed; `result()` waits for all of them."""
+
+    def __init__(self, keys: list, image_size: int, timeout_s: float | None) -> None:
+        n = len(keys)
+        self.keys = keys
+        self.row_nbytes = image_size * image_size * 3  # one uint8 row of pixels
+        self._pixels = np.empty((n, image_size, image_size, 3), np.uint8)
+        self._done = np.zeros(n, bool)
+        self._ok = np.zeros(n, bool)
+        self._reasons: list[str | None] = [None] * n
+        self._remaining = n
+        self._cond = threading.Condition()
+        self._timeout_s = timeout_s
+        self._local: list[LocalTask] = []  # samples on this process's threads
+        self.cancelled = False
+
+    def result(self) -> Prepared:
+        """Wait for every input; failures come back as reasons, never raised."""
+        with self._cond:
+            while self._remaining:
+                timeout = self._fail_overdue_local_tasks()
+                if self._remaining:
+                    self._cond.wait(timeout)
+        ok = self._ok
+        pixels = self._pixels if ok.all() else self._pixels[ok]
+        return Prepared(pixels, ok.copy(), list(self._reasons))
+
+    def cancel(self) -> None:
+        """Drop what has not started (the caller will not read this batch)."""
+        self.cancelled = True
+        for task in self._local:
+            if task.future is not None:
+                task.future.cancel()
+
+    def complete(self, index: int, pixels: np.ndarray | None, reason: str | None) -> None:
+        """Record input `index`'s pixels, or why it failed; the first outcome recorded wins."""
+        with self._cond:
+            if self._done[index]:
+                return  # an overdue thread finishing after its sample was failed
+            if pixels is not None and not self.cancelled:
+                self._pixels[index] = pixels
+            self._done[index] = True
+            self._ok[index] = pixels is not None
+            self._reasons[index] = reason
+            self._remaining -= 1
+            if not self._remaining:
+                self._cond.notify_all()
+
+    def add_local(self, task: LocalTask) -> None:
+        """Track a sample run on a thread here (for its time budget, and for `cancel`)."""
+        self._local.append(task)
+
+    def started(self, task: LocalTask) -> None:
+        """A thread took up `task` now: its time budget starts."""
+        task.started = time.monotonic()
+        with self._cond:
+            self._cond.notify_all()  # a waiter recomputes its deadline
+
+    def _fail_overdue_local_tasks(self) -> float | None:
+        """Fail samples on threads past their time budget (the thread runs on; its result is
+        dropped); seconds until the next deadline, None when none is running. Holds _cond."""
+        if self._timeout_s is None:
+            return None
+        now, wait = time.monotonic(), None
+        for task in self._local:
+            if task.started is None or self._done[task.index]:
+                continue
+            left = task.started + self._timeout_s - now
+            if left > 0:
+                wait = left if wait is None else min(wait, left)
+                continue
+            self._done[task.index] = True
+            self._reasons[task.index] = took_too_long(self._timeout_s, "on a thread, which runs on")
+            self._remaining -= 1
+        return wait

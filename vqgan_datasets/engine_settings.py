@@ -1,0 +1,79 @@
+"""The engine's settings, checked once, every None resolved for this host and backend.
+
+Per-device batch size by backend and device memory (`default_batch_size`), the few padded
+global batch sizes a run compiles (`bucket_sizes`), the devices, and the preprocessing side
+(workers, threads, time per sample: `workers.host_settings`). `get_engine` keys its cache on
+the resolved values, so a default given explicitly finds the same engine.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+
+from .workers import host_settings
+
+__all__ = ["bucket_sizes", "check_int", "default_batch_size", "resolve_settings"]
+
+_CPU_BATCH = 8
+_ACCELERATOR_BATCH = 128
+# XLA's compiled memory analysis of the f16 encoder (ch 128) at 256²: 97 MiB per image in
+# float32 beyond the weights (BENCHMARKS.md). Batches take at most half a device's memory.
+_BYTES_PER_IMAGE = 97 * 2**20
+
+
+def bucket_sizes(per_device: int, num_devices: int) -> tuple[int, ...]:
+    """Global batch sizes num_devices * {1, 2, 4, ..., per_device}: ceil(log2(b)) + 1 shapes.
+
+    Doubling keeps padding under half a batch while bounding compilations; every bucket is a
+    multiple of the device count so the leading axis always splits evenly over the mesh.
+    """
+    sizes, rows = [], 1
+    while rows < per_device:
+        sizes.append(rows * num_devices)
+        rows *= 2
+    sizes.append(per_device * num_devices)
+    return tuple(sizes)
+
+
+def default_batch_size(devices: Sequence[jax.Device], config) -> int:
+    """Per-device batch for these devices: 8 on CPU (larger batches buy nothing there and delay
+    the first result); 128 on GPUs and TPUs (measured best on an H200; batch 8 cost 30%), less
+    when half the device's memory cannot hold that many images of this model."""
+    if devices[0].platform == "cpu":
+        return _CPU_BATCH
+    try:
+        limit = (devices[0].memory_stats() or {}).get("bytes_limit")
+    except Exception:  # not every backend reports memory
+        limit = None
+    per_image = _BYTES_PER_IMAGE * max((config.resolution / 256) ** 2 * config.ch / 128, 1e-3)
+    fits = min(_ACCELERATOR_BATCH, int(limit / 2 / per_image)) if limit else _ACCELERATOR_BATCH
+    batch = _CPU_BATCH
+    while batch * 2 <= fits:
+        batch *= 2
+    return batch
+
+
+def check_int(name: str, value, *, minimum: int) -> None:
+    """Raise unless `value` is an int (not a bool) of at least `minimum`, naming `name`."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
+def resolve_settings(config, *, batch_size, devices, num_threads, prefetch, workers,
+                     sample_timeout_s) -> dict:
+    """Engine arguments checked, with every None default resolved to its value."""
+    check_int("prefetch", prefetch, minimum=0)
+    devices = tuple(jax.local_devices() if devices is None else devices)
+    if not devices:
+        raise ValueError("devices is empty; pass None to use every local device")
+    if len(set(devices)) != len(devices):
+        raise ValueError(f"devices lists a device twice: {devices}")
+    batch_size = default_batch_size(devices, config) if batch_size is None else batch_size
+    check_int("batch_size", batch_size, minimum=1)
+    return {"batch_size": int(batch_size), "devices": devices, "prefetch": int(prefetch),
+            **host_settings(workers, num_threads, sample_timeout_s)}
