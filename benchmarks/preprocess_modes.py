@@ -8,9 +8,12 @@ median over ``--repeats`` interleaved passes (exact, fast, exact, fast, ...) of 
 process's CPU time (what one core delivers; less sensitive to other processes than wall time,
 which is shown too). PSNR compares each fast output with the exact one. The same is then done
 for the images handed in already decoded (PIL), where fast mode is the fast resize alone.
+Fast mode decodes JPEGs with simplejpeg when it is installed; ``--pil-draft`` measures the
+fallback without it (PIL's draft, the same pixels).
 
     python benchmarks/preprocess_modes.py [--files 96] [--repeats 5] [--image-size 256]
-        [--sides 400,1100] [--photos astronaut,chelsea,...] [--json out.json]
+        [--sides 400,1100] [--seed 0] [--photos astronaut,chelsea,...] [--pil-draft]
+        [--json out.json]
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import numpy as np
 from PIL import Image
 from skimage import data
 
+from vqgan_datasets import _resize
 from vqgan_datasets.images import load_image
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry",
@@ -103,8 +107,13 @@ def main() -> None:
     parser.add_argument("--sides", default="400,1100", help="smallest,largest side in px")
     parser.add_argument("--photos", default=",".join(PHOTOS),
                         help="scikit-image data names (textures: brick,grass,gravel)")
+    parser.add_argument("--pil-draft", action="store_true",
+                        help="fast mode without simplejpeg: PIL's draft (the same pixels)")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
+    if args.pil_draft:
+        _resize.simplejpeg = None
+    decoder = "simplejpeg" if _resize.simplejpeg is not None else "PIL draft"
     size, photos = args.image_size, tuple(args.photos.split(","))
     low, high = (int(v) for v in args.sides.split(","))
 
@@ -112,8 +121,8 @@ def main() -> None:
     decoded = [Image.open(io.BytesIO(b)).convert("RGB") for b in jpegs]
     mean_kb = statistics.mean(len(b) for b in jpegs) / 1000
     print(f"{len(jpegs)} JPEGs q=90, sides {low}-{high} px, mean {mean_kb:.0f} KB, from "
-          f"{', '.join(photos)}; image_size={size}; one thread, median of {args.repeats} "
-          "interleaved passes")
+          f"{', '.join(photos)}; image_size={size}; fast JPEG decoder: {decoder}; one thread, "
+          f"median of {args.repeats} interleaved passes")
     print("| input | exact img/s | fast img/s | fast / exact | (wall time) | PSNR mean | PSNR p5 "
           "| PSNR min |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
@@ -127,7 +136,8 @@ def main() -> None:
               f"{psnrs['psnr_min']:.1f} dB |", flush=True)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "mean_kb": mean_kb, "results": results}, f, indent=2)
+            json.dump({"args": vars(args), "decoder": decoder, "mean_kb": mean_kb,
+                       "results": results}, f, indent=2)
 
 
 if __name__ == "__main__":

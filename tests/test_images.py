@@ -19,6 +19,7 @@ import pytest
 from PIL import Image, ImageFile, features
 from skimage import data
 
+from vqgan_datasets import _resize
 from vqgan_datasets.images import (
     DEFAULT_MAX_PIXELS,
     PREPROCESS_DESCRIPTIONS,
@@ -610,6 +611,123 @@ def test_draft_skipped_below_twice_the_size(photos):
     )
 
 
+# ---------------------------------------------- fast JPEG decoding: simplejpeg or PIL's draft
+
+XMP_ORIENTATION_6 = (
+    b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-'
+    b'rdf-syntax-ns#"><rdf:Description xmlns:tiff="http://ns.adobe.com/tiff/1.0/" '
+    b'tiff:Orientation="6"/></rdf:RDF></x:xmpmeta>'
+)
+
+
+@pytest.fixture
+def simplejpeg_decodes(monkeypatch) -> list:
+    """Records every simplejpeg decode (fast mode's JPEG path when simplejpeg is installed)."""
+    simplejpeg = pytest.importorskip("simplejpeg")
+    assert _resize.simplejpeg is simplejpeg
+    calls, decode = [], simplejpeg.decode_jpeg
+
+    def recording(data, **kwargs):
+        calls.append((kwargs["min_width"], kwargs["min_height"]))
+        return decode(data, **kwargs)
+
+    monkeypatch.setattr(simplejpeg, "decode_jpeg", recording)
+    return calls
+
+
+def fast_through_pil(monkeypatch, value, size: int = S, **kwargs) -> np.ndarray:
+    """Fast mode as it runs where simplejpeg is not installed: PIL's draft."""
+    with monkeypatch.context() as patch:
+        patch.setattr(_resize, "simplejpeg", None)
+        return load_image(value, size, preprocess="fast", **kwargs)
+
+
+def test_fast_jpeg_pixels_do_not_depend_on_simplejpeg(photos, simplejpeg_decodes, monkeypatch,
+                                                      tmp_path):
+    # Both run libjpeg-turbo at the same DCT scale: the same pixels at every scale, for
+    # grayscale, progressive, 4:4:4, 4:2:2 and MPO files, EXIF and XMP orientations, bytes,
+    # bytearrays, memoryviews and paths.
+    chelsea, camera = Image.fromarray(photos["chelsea"]), Image.fromarray(photos["camera"])
+    cases = {  # at S=64: full size, 1/2, 1/4, 1/8
+        "full": encode(chelsea.resize((110, 90)), "JPEG", quality=90),
+        "1/2": encode(chelsea.resize((301, 199)), "JPEG", quality=90),
+        "1/4": encode(chelsea.resize((603, 401)), "JPEG", quality=90),
+        "1/8 gray": encode(camera.resize((1021, 679)), "JPEG", quality=90),
+        "1/2 progressive": encode(chelsea.resize((301, 199)), "JPEG", progressive=True),
+        "1/4 4:4:4": encode(chelsea.resize((603, 401)), "JPEG", subsampling=0),
+        "1/2 4:2:2": encode(chelsea.resize((301, 199)), "JPEG", subsampling=1),
+        "1/4 mpo": encode(chelsea.resize((603, 401)), "MPO", save_all=True,
+                          append_images=[camera.resize((603, 401))]),
+        "1/8 exif 6": jpeg_with_orientation(chelsea.resize((1021, 679)), 6),
+        "1/2 exif 7": jpeg_with_orientation(chelsea.resize((301, 199)), 7),
+        "full exif 3": jpeg_with_orientation(chelsea.resize((110, 90)), 3),
+        "1/4 xmp 6": encode(chelsea.resize((603, 401)), "JPEG", xmp=XMP_ORIENTATION_6),
+    }
+    scales = {"full": 1, "1/2": 2, "1/4": 4, "1/8": 8}
+    for name, jpeg in cases.items():
+        width, height = Image.open(io.BytesIO(jpeg)).size
+        scale = scales[name.split()[0]]
+        through_pil = fast_through_pil(monkeypatch, jpeg)
+        path = tmp_path / "image.jpg"
+        path.write_bytes(jpeg)
+        for value in (jpeg, bytearray(jpeg), memoryview(jpeg), path):
+            simplejpeg_decodes.clear()
+            np.testing.assert_array_equal(load_image(value, S, preprocess="fast"), through_pil,
+                                          err_msg=name)
+            assert simplejpeg_decodes == [(-(-width // scale), -(-height // scale))], name
+    upright = np.rot90(np.asarray(chelsea.resize((603, 401))), -1)  # XMP orientation applied
+    assert psnr(fast_through_pil(monkeypatch, cases["1/4 xmp 6"]), reference(
+        Image.fromarray(np.ascontiguousarray(upright)))) > 35
+
+
+def test_fast_mode_leaves_other_and_damaged_jpegs_to_pil(photos, simplejpeg_decodes,
+                                                          monkeypatch):
+    coffee = Image.fromarray(photos["coffee"])
+    jpeg = encode(coffee, "JPEG", quality=90)
+    cmyk = encode(coffee.convert("CMYK"), "JPEG", quality=90)  # simplejpeg: not as PIL does
+    np.testing.assert_array_equal(load_image(cmyk, S, preprocess="fast"),
+                                  fast_through_pil(monkeypatch, cmyk))
+    assert simplejpeg_decodes == []
+    # libjpeg recovers from stray bytes before a marker and warns: PIL's pixels, as without it
+    marker = jpeg.index(b"\xff\xc4")
+    stray = jpeg[:marker] + b"\x00\x00" + jpeg[marker:]
+    np.testing.assert_array_equal(load_image(stray, S, preprocess="fast"),
+                                  fast_through_pil(monkeypatch, stray))
+    # Truncated data and a bare signature fail with PIL's reasons, as in exact mode.
+    damaged = {
+        jpeg[: len(jpeg) // 2]: "cannot decode JPEG 600x400: OSError: image file is truncated",
+        jpeg[:500]: "cannot open image: OSError: Truncated File Read",
+        b"\xff\xd8\xff" + b"x" * 40: "cannot identify image file (43 bytes",
+    }
+    for value, reason in damaged.items():
+        with pytest.raises(ImageDecodeError) as exact:
+            load_image(value, S, key="k")
+        with pytest.raises(ImageDecodeError) as fast:
+            load_image(value, S, key="k", preprocess="fast")
+        assert str(fast.value) == str(exact.value) and reason in str(fast.value)
+
+
+def test_fast_mode_checks_sizes_before_decoding(photos, simplejpeg_decodes, monkeypatch):
+    jpeg = encode(Image.fromarray(photos["coffee"]), "JPEG", quality=90)  # 600x400
+    for max_pixels in (1000, 600 * 16 + 15 * 600):  # too many pixels; a side over max/16
+        with pytest.raises(ImageDecodeError) as exact:
+            load_image(jpeg, S, max_pixels=max_pixels)
+        with pytest.raises(ImageDecodeError) as fast:
+            load_image(jpeg, S, max_pixels=max_pixels, preprocess="fast")
+        assert str(fast.value) == str(exact.value) and "max_pixels" in str(fast.value)
+    # PIL's own bomb limits (a process-wide setting of the caller) apply as in exact mode.
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100_000)
+    with pytest.raises(ImageDecodeError, match="exceeds PIL's limit"):
+        load_image(jpeg, S, max_pixels=None, preprocess="fast")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 200_000)  # warns only: decoded, no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = load_image(jpeg, S, max_pixels=None, preprocess="fast")
+    assert simplejpeg_decodes == []
+    monkeypatch.undo()
+    np.testing.assert_array_equal(out, load_image(jpeg, S, preprocess="fast"))
+
+
 def test_draft_keyword_is_deprecated_ignored_and_warns_once(photos, tmp_path):
     jpeg = encode(Image.fromarray(photos["coffee"]), "JPEG", quality=90)
     with warnings.catch_warnings():
@@ -734,6 +852,18 @@ def test_decode_memory_is_bounded_per_pixel(tmp_path):
     del rgba
     report = probe(path, "exact", cap_mb=1024)
     assert report["growth_mb"] * 2**20 < 8 * side**2 + 16 * 2**20, report
+
+
+def test_fast_jpeg_decode_memory_is_bounded_per_pixel(tmp_path):
+    # Too narrow for any DCT scale, so fast mode decodes it in full (simplejpeg's 3-byte array,
+    # then PIL's 4-byte copy, then the EXIF transpose): within the same 8 bytes per pixel.
+    width, height = 400, 12_000
+    path = tmp_path / "tall.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(data.astronaut()).resize((width, height)).save(path, quality=90, exif=exif)
+    report = probe(path, "fast", cap_mb=1024)
+    assert report["growth_mb"] * 2**20 < 8 * width * height + 16 * 2**20, report
 
 
 # ------------------------------------------------------------------- preprocess_batch

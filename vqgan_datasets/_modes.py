@@ -7,6 +7,7 @@ once, before the bands.
 
 from __future__ import annotations
 
+import io
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -82,6 +83,39 @@ def orientation_of(image: Image.Image) -> int:
     except Exception:
         return 1
     return value if value in range(1, 9) else 1
+
+
+def jpeg_orientation(data: bytes | bytearray | memoryview) -> int | None:
+    """``orientation_of`` for JPEG bytes, cheaply: PIL reads the header only when it holds an
+    APP1 segment (where EXIF and XMP live); None when PIL cannot open it."""
+    if not _has_app1(data):
+        return 1
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return orientation_of(image)
+    except Exception:
+        return None
+
+
+def _has_app1(data: bytes | bytearray | memoryview) -> bool:
+    """Whether a JPEG header has an APP1 segment before its first scan, as PIL reads headers;
+    True where the markers cannot be followed (PIL then looks)."""
+    pos, end = 2, len(data)
+    while pos + 4 <= end:
+        if data[pos] != 0xFF:
+            return True
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+        elif marker == 0xE1:
+            return True
+        elif marker in (0xDA, 0xD9):  # start of scan, end of image: the header is over
+            return False
+        elif marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length
+            pos += 2
+        else:
+            pos += 2 + (data[pos + 2] << 8 | data[pos + 3])
+    return True
 
 
 def _has_transparency(image: Image.Image) -> bool:

@@ -7,6 +7,11 @@ The seed resizes the whole image so that its shortest side is ``S`` and then cro
 is resampled (PIL's ``resize(box=...)``), whose intermediate is at most the crop's source rows.
 PIL takes the box as float32, so a region resize can differ from the whole-image resize by a
 level or two on a few values: the exact mode keeps the whole-image resize wherever it is cheap.
+
+Fast mode's DCT-scaled JPEG decode goes through simplejpeg when it is installed (less work per
+image than PIL's file machinery) and through PIL's ``draft`` otherwise: both run libjpeg-turbo
+at the same scale, with the same pixels (tested). Only 1/2, 1/4 and 1/8 are used: libjpeg-turbo's
+other scales (3/8, 5/8, 3/4, 7/8) lack SIMD code and decode slower than the full size.
 """
 
 from __future__ import annotations
@@ -16,33 +21,53 @@ import math
 import numpy as np
 from PIL import Image
 
+from ._modes import upright
+
+try:  # optional: without it fast mode drafts through PIL, with the same pixels
+    import simplejpeg
+except ImportError:  # pragma: no cover - depends on the environment
+    simplejpeg = None
+
 LANCZOS = Image.Resampling.LANCZOS
 # Exact mode resizes the whole image (the seed's pixels) up to this many times S**2 target
 # pixels (aspect ratios up to 16:1); longer images resample only the crop region.
 FULL_RESIZE_LIMIT = 16
 # Fast mode: the filter by how much the crop region is reduced (its source extent / S).
-# LANCZOS where little reduction is left after a draft (the DCT-scaled pixels are nearly final
-# and need the sharpest filter), cheaper ones as the reduction grows; chosen with
-# benchmarks/preprocess_modes.py as the fastest set keeping photos >= 38.5 dB from exact.
+# LANCZOS where little reduction is left (the pixels are nearly final and need the sharpest
+# filter), cheaper ones as the reduction grows. Pixels of a 1/4 or 1/8 DCT scale (2x2 and 1x1
+# of each block's 8x8 coefficients) are coarser and keep the sharper filters longer. Chosen
+# with benchmarks/preprocess_modes.py as the fastest sets keeping photos >= 38.2 dB from exact
+# over six corpus seeds; the cheaper filter beyond each bound costs 1-2 dB at the bound.
 FAST_FILTERS = (
+    (1.1, LANCZOS),
+    (1.4, Image.Resampling.BICUBIC),
+    (math.inf, Image.Resampling.HAMMING),
+)
+COARSE_FILTERS = (
     (1.2, LANCZOS),
     (1.5, Image.Resampling.BICUBIC),
     (math.inf, Image.Resampling.HAMMING),
 )
 # Fast mode drafts a JPEG to the smallest DCT scale whose sides are both at least the resize
-# target times the margin: 1/4 and 1/8 (2x2 and 1x1 of each block's 8x8 coefficients) used
-# almost as is measured 37.7 dB against exact, 1/2 stayed above 43 dB.
-DRAFT_MARGINS = ((8, 1.05), (4, 1.05), (2, 1.0))
+# target times the margin. Used almost as is (a reduction left below 1.02x), every scale fell
+# to 37.7-37.9 dB against exact on some photo; from 1.02x on, 1/2 stayed above 39 dB.
+DRAFT_MARGINS = ((8, 1.05), (4, 1.05), (2, 1.03))
 
 Box = tuple[float, float, float, float]
+
+
+def _describe_filters(filters: tuple) -> str:
+    bounds = ", ".join(f"{f.name} below {b}x" for b, f in filters if b != math.inf)
+    return f"{bounds}, {filters[-1][1].name} beyond"
+
+
 # What fast mode does, for the token metadata and fingerprints: changing a constant above must
 # change this text, so tokens made by different fast modes never share a cache entry.
 FAST_DESCRIPTION = (
     "JPEG: DCT-scaled decode at the first of "
     + ", ".join(f"1/{s} (sides >= {m}x target)" for s, m in DRAFT_MARGINS)
-    + " that fits; crop region only: "
-    + ", ".join(f"{f.name} below {b}x" for b, f in FAST_FILTERS if b != math.inf)
-    + f", {FAST_FILTERS[-1][1].name} beyond; decoded inputs: that resize; other formats: exact"
+    + f" that fits; crop region only: {_describe_filters(FAST_FILTERS)} (at 1/4 and 1/8: "
+    + f"{_describe_filters(COARSE_FILTERS)}); decoded inputs: that resize; other formats: exact"
 )
 
 
@@ -80,7 +105,9 @@ def resize_crop(
     region = (x0 + left * sx, y0 + top * sy, x0 + (left + s) * sx, y0 + (top + s) * sy)
     if not fast:
         return _rgb_array(_lanczos_region(image, s, region))
-    resample = next(f for below, f in FAST_FILTERS if min(sx, sy) < below)
+    coarse = box is not None and size is not None and size[0] >= 3 * (box[2] - box[0])
+    filters = COARSE_FILTERS if coarse else FAST_FILTERS  # drafted to 1/4 or 1/8
+    resample = next(f for below, f in filters if min(sx, sy) < below)
     return _rgb_array(image.resize((s, s), resample, box=region))
 
 
@@ -106,6 +133,15 @@ def _rgb_array(image: Image.Image) -> np.ndarray:
     return np.repeat(pixels[..., None], 3, axis=2) if pixels.ndim == 2 else pixels
 
 
+def dct_scale(width: int, height: int, image_size: int) -> int:
+    """The DCT scale denominator (8, 4 or 2) fast mode decodes a ``width x height`` JPEG at,
+    or 1 (full size) when none keeps both sides at least the resize target times its margin."""
+    tw, th = target_size(width, height, image_size)
+    return next(
+        (s for s, margin in DRAFT_MARGINS if min(width / s / tw, height / s / th) >= margin), 1
+    )
+
+
 def draft_jpeg(image: Image.Image, image_size: int, orientation: int) -> Box | None:
     """Ask libjpeg for a DCT-scaled decode (1/2, 1/4, 1/8) of a JPEG ``image`` not yet loaded
     (the caller checks the format).
@@ -116,20 +152,71 @@ def draft_jpeg(image: Image.Image, image_size: int, orientation: int) -> Box | N
     if image.tell() != 0:
         return None
     width, height = image.size
-    tw, th = target_size(width, height, image_size)  # in stored orientation
-    scale = next(
-        (s for s, margin in DRAFT_MARGINS if min(width / s / tw, height / s / th) >= margin), 1
-    )
+    scale = dct_scale(width, height, image_size)
     if scale == 1:
         return None
     # PIL picks the largest of 8, 4, 2 not above min(W // w, H // h): exactly `scale` here.
     drafted = image.draft("RGB", (width // scale, height // scale))
     if drafted is None or image.size == (width, height):
         return None
-    return _draft_box_upright(drafted[1], image.size, orientation)
+    return upright_box(drafted[1], image.size, orientation)
 
 
-def _draft_box_upright(box: Box, drafted_size: tuple[int, int], orientation: int) -> Box:
+def simplejpeg_available() -> bool:
+    """Whether fast mode can decode JPEGs through simplejpeg (else PIL's draft does)."""
+    return simplejpeg is not None
+
+
+def jpeg_header(data: bytes | bytearray | memoryview) -> tuple[int, int, bool] | None:
+    """``(width, height, gray)`` of a YCbCr or grayscale JPEG that simplejpeg decodes as PIL
+    does; None without simplejpeg, for other color spaces (CMYK, YCCK, RGB) or a bad header."""
+    if simplejpeg is None:
+        return None
+    try:
+        height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+    except ValueError:
+        return None
+    if colorspace not in ("YCbCr", "Gray"):
+        return None
+    return width, height, colorspace == "Gray"
+
+
+def fast_jpeg(
+    data: bytes | bytearray | memoryview,
+    width: int,
+    height: int,
+    gray: bool,
+    orientation: int,
+    image_size: int,
+) -> np.ndarray | None:
+    """Fast mode's pixels of a ``jpeg_header``-accepted JPEG: simplejpeg's decode at
+    ``dct_scale`` (PIL's draft pixels), made upright, crop region resized.
+
+    None when libjpeg reports damaged data, even data it could recover from: PIL then decides.
+    """
+    scale = dct_scale(width, height, image_size)
+    size = (-(-width // scale), -(-height // scale))  # libjpeg rounds scaled sizes up
+    try:  # the smallest scale giving at least `size`: exactly 1/scale
+        pixels = simplejpeg.decode_jpeg(
+            data, colorspace="GRAY" if gray else "RGB", min_width=size[0], min_height=size[1]
+        )
+    except ValueError:
+        return None
+    if pixels.shape[1::-1] != size:
+        return None
+    image = Image.fromarray(pixels[..., 0] if gray else pixels)
+    del pixels
+    box = None
+    if scale > 1:
+        box = upright_box((0.0, 0.0, width / scale, height / scale), image.size, orientation)
+    turned = upright(image, orientation)
+    if turned is not image:
+        image.close()
+    upright_size = (height, width) if orientation >= 5 else (width, height)
+    return resize_crop(turned, image_size, fast=True, size=upright_size, box=box)
+
+
+def upright_box(box: Box, drafted_size: tuple[int, int], orientation: int) -> Box:
     """Where the draft's exact source box (0, 0, W/s, H/s) lies after the EXIF transpose.
 
     libjpeg rounds the scaled size up, so the last row/column is partial; a transpose moves

@@ -1,7 +1,8 @@
 """Any image input -> RGB uint8 ``(image_size, image_size, 3)``, with per-sample errors.
 
 This is the only module that knows about image files, PIL modes, EXIF, decompression bombs and
-resizing (its private helpers: ``_modes`` for modes, ``_resize`` for geometry and JPEG drafts).
+resizing (its private helpers: ``_modes`` for modes and EXIF, ``_resize`` for geometry and
+DCT-scaled JPEG decoding).
 ``preprocess`` is one of ``PREPROCESS_MODES``:
 
 ``"exact"`` (default) is the seed's preprocessing (the taming / dalle-mini notebook): a full
@@ -14,25 +15,31 @@ whole-image intermediate is not built: only the crop region is resampled, with t
 (PIL takes the region as float32, so a few values may move by a level or two).
 ``PREPROCESS_DESCRIPTIONS`` names each mode's parameters for token metadata.
 
-``"fast"``: a JPEG file is decoded by libjpeg's DCT scaling (PIL's ``draft``: 1/2, 1/4, 1/8) to
-the smallest scale whose sides both reach the resize target (1.05x it for 1/4 and 1/8, whose
-pixels used as is measured 37.7 dB), then only the crop region is resampled:
-LANCZOS while the reduction left is below 1.2x, BICUBIC below 1.5x, HAMMING beyond. Images
-handed in decoded (PIL, arrays) get that resize alone. Other formats (PNG, WebP, GIF, ...) take
-the exact path: their decoding, not the resize, dominates. A caller's PIL image is never
-drafted (a draft shrinks the object). ``benchmarks/preprocess_modes.py`` (image_size 256, JPEG
-q=90 cut from scikit-image photos, images per CPU-second of one thread on a busy 2-core CPU;
-PSNR of fast against exact, mean / 5th percentile / min):
+``"fast"``: a JPEG file is decoded by libjpeg-turbo's DCT scaling (1/2, 1/4, 1/8) to the
+smallest scale whose sides both reach the resize target times a margin (1.03x for 1/2, 1.05x
+for 1/4 and 1/8: every scale used as is fell to 37.7-37.9 dB on some photo), then only the crop
+region is resampled: LANCZOS while the reduction left is below 1.1x, BICUBIC below 1.4x,
+HAMMING beyond (1.2x and 1.5x after the coarser 1/4 and 1/8). YCbCr and grayscale JPEGs are
+decoded by simplejpeg when it is installed (less work per image: 2-8% more images/s) and by PIL's
+``draft`` otherwise or where simplejpeg declines (CMYK/YCCK/RGB JPEGs, damaged data, sizes PIL
+warns about): both run libjpeg-turbo at the same scale, with the same pixels, and the errors
+are PIL's. Images handed in decoded (PIL, arrays) get that resize alone. Other formats (PNG,
+WebP, GIF, ...) take the exact path: their decoding, not the resize, dominates. A caller's PIL
+image is never drafted (a draft shrinks the object). ``benchmarks/preprocess_modes.py``
+(image_size 256, JPEG q=90 cut from scikit-image photos, images per CPU-second of one thread on
+a shared 2-core CPU; PSNR of fast against exact, mean / 5th percentile / min):
 
     JPEGs                      exact img/s  fast img/s  fast/exact  PSNR dB
-    96, sides 400-1100 px      121.6        348.5       2.9x        45.3 / 39.7 / 38.7
-      same, decoded PIL        144.3        437.9       3.0x        45.4 / 40.5 / 39.4
-    32, sides 1250-3000 px     21.1         145.1       6.9x        45.2 / 40.1 / 39.0
-    64, sides 375-500 px       269.7        481.7       1.8x        44.7 / 40.2 / 39.8
+    96, sides 400-1100 px      121.8        370.9       3.05x       45.0 / 39.3 / 38.4
+      seeds 1 and 2                                     3.20x 3.17x min 38.6, 38.9
+      same, decoded PIL        144.4        436.1       3.02x       45.4 / 40.5 / 39.4
+    32, sides 1250-3000 px     21.5         155.0       7.20x       45.2 / 40.1 / 39.0
+    64, sides 375-500 px       277.1        537.4       1.94x       44.1 / 40.1 / 39.7
 
-Below 512 px on the short side no DCT scale fits a 256 target, so only the resize is faster.
-Fine textures (scikit-image brick, grass, gravel) lose more to the cheaper filters: 42.3 / 35.5
-/ 34.5 dB.
+Seed 0 with PIL's draft instead of simplejpeg: 3.00x. Below 527 px on the short side no DCT
+scale fits a 256 target, so only the resize is faster. Over six corpus seeds of the 400-1100 px
+mix the minimum is 38.25 dB (a star field). Fine textures (scikit-image brick, grass, gravel)
+lose more to the cheaper filters: 41.8 / 35.2 / 34.5 dB.
 
 Conversions (``to_rgb``): EXIF orientation applied; first frame of animations; alpha (RGBA,
 LA, PA, palette or color-key transparency) composited over white, exactly
@@ -55,17 +62,19 @@ at most 8 bytes per declared pixel + 16 per row + 10 MB, so 815 MB at the defaul
 most one byte per pixel). Progressive JPEGs add libjpeg's coefficient buffer (2 bytes per pixel
 and component): up to 12 bytes per pixel, 1.1 GB at the limit, for a progressive CMYK JPEG.
 The resize intermediate never exceeds ``16 * image_size**2`` pixels (4 MB at 256), whatever the
-aspect ratio. Add the encoded input itself (URLs are read whole). Measured peak growth, bytes
-per pixel of 9 MP images: baseline RGB JPEG 4.6 (fast: 0.4), RGBA PNG with EXIF rotation 8.9,
-progressive RGB JPEG 10.3, progressive CMYK JPEG 12.3; 1x100000, 2x20000 and 100000x1 PNGs
-(whose seed resize would need 14 GB) under 4 MB and 0.02 s. The figures scale with
-``max_pixels``: lower it for a tighter bound.
+aspect ratio. Add the encoded input itself (URLs, and JPEG files in fast mode, are read whole).
+Measured peak growth, bytes per pixel of 9 MP images: baseline RGB JPEG 4.6 (fast: 0.2), RGBA
+PNG with EXIF rotation 8.9, progressive RGB JPEG 10.3, progressive CMYK JPEG 12.3; 1x100000,
+2x20000 and 100000x1 PNGs (whose seed resize would need 14 GB) under 4 MB and 0.02 s; a JPEG
+too narrow for any DCT scale, fast mode decoding it in full (simplejpeg's array, then PIL's
+copy) and turning it: 8.4. The figures scale with ``max_pixels``: lower it for a tighter bound.
 """
 
 from __future__ import annotations
 
 import functools
 import io
+import math
 import numbers
 import os
 import threading
@@ -80,6 +89,7 @@ from PIL import Image, UnidentifiedImageError
 from ._modes import (
     WHITE,
     array_to_rgb,
+    jpeg_orientation,
     load_first_frame,
     mode_to_rgb,
     orientation_of,
@@ -87,7 +97,14 @@ from ._modes import (
     to_rgb,
     upright,
 )
-from ._resize import FAST_DESCRIPTION, draft_jpeg, resize_crop
+from ._resize import (
+    FAST_DESCRIPTION,
+    draft_jpeg,
+    fast_jpeg,
+    jpeg_header,
+    resize_crop,
+    simplejpeg_available,
+)
 
 if TYPE_CHECKING:
     import concurrent.futures
@@ -127,6 +144,9 @@ _SIDE_FRACTION = 16  # no side longer than max_pixels / 16 (5.6 M at the default
 _WARNINGS_LOCK = threading.Lock()
 _DRAFT_WARNED = False  # the deprecated draft= keyword warns once per process
 _JPEG_FORMATS = ("JPEG", "MPO")
+_JPEG_SIGNATURE = b"\xff\xd8\xff"
+# Fast mode reads a JPEG file whole for simplejpeg up to this size; larger ones stream via PIL.
+_WHOLE_FILE_LIMIT = 64 << 20
 
 
 class ImageDecodeError(ValueError):
@@ -271,6 +291,44 @@ def _decode_file(
             ) from e
 
 
+def _fast_jpeg(
+    data: bytes | bytearray | memoryview, source: str, image_size: int, max_pixels: int | None
+) -> np.ndarray | None:
+    """Fast mode for JPEG bytes through simplejpeg (the pixels of ``_decode_file``'s draft).
+
+    None where ``_decode_file`` must run instead: no simplejpeg, not a YCbCr or grayscale JPEG,
+    a size PIL would warn about (its bomb rules stay in one place), damaged data (PIL's errors).
+    """
+    if data[:3] != _JPEG_SIGNATURE or (header := jpeg_header(data)) is None:
+        return None
+    width, height, gray = header
+    if width * height > (Image.MAX_IMAGE_PIXELS or math.inf):
+        return None
+    _check_pixels((width, height), max_pixels)  # before any pixel is decoded
+    if (orientation := jpeg_orientation(data)) is None:
+        return None
+    try:
+        return fast_jpeg(data, width, height, gray, orientation, image_size)
+    except Exception as e:
+        named = f" {source}" if source else ""
+        raise ImageDecodeError(
+            f"cannot decode JPEG {width}x{height}{named}: {type(e).__name__}: {e}"
+        ) from e
+
+
+def _read_jpeg(fp: IO[bytes]) -> bytes | None:
+    """The whole file when it is a JPEG of at most ``_WHOLE_FILE_LIMIT`` bytes; rewinds ``fp``."""
+    try:
+        is_jpeg = fp.read(3) == _JPEG_SIGNATURE
+        size = fp.seek(0, os.SEEK_END)
+        fp.seek(0)
+        return fp.read() if is_jpeg and size <= _WHOLE_FILE_LIMIT else None
+    except OSError:
+        return None
+    finally:
+        fp.seek(0)
+
+
 def _open_path(path: str | os.PathLike) -> tuple[IO[bytes], str]:
     """A binary file for a local path or an fsspec URL, and how to name it in errors."""
     name = os.fspath(path)
@@ -320,6 +378,9 @@ def _load(image: ImageInput, image_size: int, fast: bool, max_pixels: int | None
     if isinstance(image, (bytes, bytearray, memoryview)):
         if len(image) == 0:
             raise ImageDecodeError("empty bytes")
+        plain = not isinstance(image, memoryview) or (image.format == "B" and image.ndim == 1)
+        if fast and plain and (out := _fast_jpeg(image, "", image_size, max_pixels)) is not None:
+            return out
         return _decode_file(io.BytesIO(image), "", image_size, fast, max_pixels)
     if isinstance(image, dict):
         data, path = image.get("bytes"), image.get("path")
@@ -333,7 +394,9 @@ def _load(image: ImageInput, image_size: int, fast: bool, max_pixels: int | None
     if isinstance(image, (str, os.PathLike)):
         fp, source = _open_path(image)
         with fp:
-            return _decode_file(fp, source, image_size, fast, max_pixels)
+            data = _read_jpeg(fp) if fast and simplejpeg_available() else None
+            out = None if data is None else _fast_jpeg(data, source, image_size, max_pixels)
+            return _decode_file(fp, source, image_size, fast, max_pixels) if out is None else out
     raise ImageDecodeError(
         f"unsupported input type {type(image).__module__}.{type(image).__qualname__}; expected "
         "a PIL image, encoded bytes, a path or URL, a {'bytes', 'path'} dict or a numpy array"
