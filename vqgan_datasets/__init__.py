@@ -1,10 +1,11 @@
 """vqgan-datasets: tokenize image datasets with a Flax/JAX VQGAN on every local device, and back.
 
 The public API, imported lazily so that `import vqgan_datasets` stays cheap (no JAX, no datasets)
-until a name is used. Layers, each importing only the ones below it: images → config, modeling,
-checkpoints → engine → options, handle, streams (shared by every adapter) → hf*, stages (the
-adapters) → convert, manifest, shards, ray, distributed (jobs; storage is a leaf any layer may
-use) → wds (the webdataset namespace: stages and shard jobs), jobs → cli.
+until a name is used. Layers, each importing only the ones below it (tests/test_package.py):
+leaves (forks, storage, tarsamples, claims) → images → config → checkpoints → layers, modeling
+→ taming, metadata → batches, workerproc, workers, engine_settings, engine → options, handle,
+streams (shared by every adapter) → hf_*, hf, stages (the adapters) → convert, manifest,
+shards, ray, distributed (jobs) → wds (the webdataset namespace) → inputs, jobs → cli.
 """
 
 from __future__ import annotations
