@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import gzip
 import io
 import json
 import os
@@ -178,6 +179,33 @@ def test_a_key_longer_than_a_ustar_name_is_written(model, samples, tmp_path):
                                    options=EncodeOptions(batch_size=BATCH))
     assert report.status == "written"
     assert [s["__key__"] for s in read_tar(tmp_path / "long-out.tar")] == [long_key]
+
+
+def test_input_fields_are_copied_byte_for_byte(model, samples, reference, tmp_path):
+    """Fields pass through as read: webdataset's encoder gzipped a ".gz" field a second time,
+    and raised on a field starting with "_" ("metadata must be of string type"), which
+    stopped the whole run without naming the shard."""
+    sample = next(s for s in samples if "jpg" in s)
+    extra = {"json.gz": gzip.compress(b'{"a": 1}'), "_meta": b"private bytes"}
+    url = str(tmp_path / "in.tar")
+    with tarfile.open(url, "w") as tar:
+        for field, data in {**sample, **extra}.items():
+            if field != "__key__":
+                info = tarfile.TarInfo(f"{sample['__key__']}.{field}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    target = str(tmp_path / "in-out.tar")
+    report = convert.convert_shard(url, target, model=model,
+                                   options=EncodeOptions(batch_size=BATCH))
+    assert report.status == "written" and report.encoded == 1
+    with tarfile.open(target) as tar:
+        members = {m.name: tar.extractfile(m).read() for m in tar}
+    key = sample["__key__"]
+    assert members[f"{key}.json.gz"] == extra["json.gz"]
+    assert members[f"{key}._meta"] == extra["_meta"]
+    assert sorted(members) == sorted(f"{key}.{f}" for f in
+                                     ("json", "txt", "json.gz", "_meta", "vqgan.npy"))
+    check_outputs([target], [sample], reference)
 
 
 # ------------------------------------------------------------------------------ one writer

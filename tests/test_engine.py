@@ -420,3 +420,39 @@ def test_no_worker_processes_left_after_a_failure_mid_stream_and_close(model):
     local.close()
     assert local._load_pool is None
     assert _worker_children(pids) == [] and multiprocessing.active_children() == []
+
+
+# -- review: defects reproduced first -----------------------------------------------------------
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="needs /proc")
+def test_replaced_weights_do_not_break_a_stream_still_reading_the_old_engine(model):
+    # get_engine builds a new engine when model.params is replaced; an iterator already running
+    # on the old one must finish (its own weights, its own workers), not die or drop samples.
+    other = VQModel(CONFIG, params=model.params)
+    first = get_engine(other, batch_size=1, prefetch=0, workers=1)
+    x = _images(4)
+    stream = first.encode_iter(x, image_size=SIZE, on_error="skip")
+    head = next(stream)
+    other.params = dict(model.params)
+    assert get_engine(other, batch_size=1, prefetch=0, workers=1) is not first
+    results = [head, *stream]
+    assert [r.key for r in results] == [0, 1, 2, 3]
+    assert np.array_equal(np.stack([r.tokens for r in results]), first.encode(x))
+    pids = first._load_pool.pids
+    assert _worker_children(pids) == pids  # still running
+    del stream, first
+    gc.collect()
+    assert _worker_children(pids) == []  # the dropped engine stopped its workers
+
+
+def test_a_closed_engine_lets_its_pool_go_each_time_it_is_reused(model):
+    # close() then reuse starts a new pool each time: the closed ones must not pile up.
+    with Engine(model, batch_size=2, workers=0, num_threads=1) as local:
+        closed = []
+        for _ in range(3):
+            assert len(list(local.encode_iter(_images(2), image_size=SIZE))) == 2
+            closed.append(weakref.ref(local._load_pool))
+            local.close()
+        gc.collect()
+        assert [ref() for ref in closed] == [None, None, None]

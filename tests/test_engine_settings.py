@@ -52,3 +52,10 @@ def test_resolve_settings_fills_defaults_and_checks():
     ):
         with pytest.raises(error, match=match):
             engine_settings.resolve_settings(F16, **{**defaults, **change})
+
+
+def test_default_batch_size_never_exceeds_what_memory_holds():
+    # Half of 1 GiB holds 5 f16 images at 256²: the default must not start at 8 regardless.
+    default = engine_settings.default_batch_size
+    assert default([_FakeDevice("gpu", 2**30)], F16) == 4
+    assert default([_FakeDevice("gpu", 2**28)], F16) == 1  # not even one fits: the least

@@ -73,3 +73,21 @@ def test_arguments_are_checked():
     assert parse_value_range("0,1") == (0.0, 1.0)
     with pytest.raises(ValueError, match="low < high"):
         parse_value_range((1, 0))
+
+
+def test_a_cached_model_whose_weights_were_replaced_is_not_reused(tiny_model, tmp_path):
+    # vqgan-jax's `model.params = state` on a model the cache holds: a later handle to the
+    # checkpoint (or to the old in-memory weights) must get those weights, not the new ones.
+    tiny_model.save_pretrained(tmp_path / "m")
+    held = ModelHandle(str(tmp_path / "m")).load()
+    digest = held.weights_digest
+    held.params = VQModel(tiny_model.config, seed=1).params
+    fresh = ModelHandle(str(tmp_path / "m")).load()
+    assert fresh is not held and fresh.weights_digest == digest
+    assert ModelHandle(str(tmp_path / "m")).load() is fresh  # the cache holds it now
+
+    memory = VQModel(tiny_model.config, seed=2)
+    blob = pickle.dumps(ModelHandle(memory))
+    old = memory.weights_digest
+    memory.params = VQModel(tiny_model.config, seed=3).params
+    assert pickle.loads(blob).load().weights_digest == old

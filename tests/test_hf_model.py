@@ -57,6 +57,20 @@ def test_fingerprint_is_the_small_identity(model_dir, other_dir, tok):
     assert {Hasher.hash(t) for t in same} == {Hasher.hash(tok)}
 
 
+def test_replacing_a_models_params_changes_the_tokenizers_fingerprint(model_dir, tok):
+    # vqgan-jax's `model.params = state` after the tokenizer was made (e.g. a training loop
+    # tokenizing with the current weights): other weights must never hit the old cache entry,
+    # nor travel to workers as the checkpoint they no longer are.
+    model = VQModel.from_pretrained(model_dir)
+    current = VQGANTokenizer(model)
+    assert Hasher.hash(current) == Hasher.hash(tok)
+    model.params = VQModel(TINY, seed=1).params
+    assert current.spec.weights_digest == model.weights_digest != tok.spec.weights_digest
+    assert Hasher.hash(current) == Hasher.hash(VQGANTokenizer(model)) != Hasher.hash(tok)
+    assert current.spec.model_name is None  # in memory now, not the checkpoint's reference
+    assert pickle.loads(pickle.dumps(current)).spec.model_name is None
+
+
 def test_lazy_spec_matches_the_loaded_model(model_dir, tok):
     model = VQModel.from_pretrained(model_dir)
     assert tok.spec == TokenizerSpec.from_model(model, image_size=SIZE)

@@ -241,6 +241,20 @@ def test_weights_digest_is_stable_and_content_based(tiny_model, tiny_config):
     assert other.weights_digest != tiny_model.weights_digest
 
 
+def test_replaced_params_are_no_longer_the_checkpoints(tiny_model_dir, tiny_config):
+    # vqgan-jax's own idiom (`model.params = state`): the digest, which fingerprints and records
+    # use, must follow the weights, and the model must not pickle as the file's reference.
+    model = VQModel.from_pretrained(str(tiny_model_dir))
+    file_digest = model.weights_digest
+    model.params = model.params  # the same tree: still the checkpoint's
+    assert model.weights_digest == file_digest and model.source is not None
+    other = VQModel(tiny_config, seed=1)
+    model.params = other.params
+    assert model.params is other.params
+    assert model.weights_digest == other.weights_digest != file_digest
+    assert model.source is None and model.name is None
+
+
 # -- encode's warning for pixels outside the model's range (the seed's HowTo passes uint8) ------
 
 # The smallest model (one level, no resampling): each test needs a fresh model, hence a compile.

@@ -50,6 +50,14 @@ def test_aliases_name_one_field():
     ({"output_field": ""}, "output_field"),
     ({"image_field": "x", "output_field": "x"}, "differ"),
     ({"token_dtype": "float32"}, "integer dtype"),
+    # A string is not a boolean: "false" must not silently keep the images.
+    ({"keep_image": "false"}, "keep_image must be True or False"),
+    ({"keep_image": 0}, "keep_image must be True or False"),
+    # Tokens and their error reason in one field: one would overwrite the other.
+    ({"output_field": "x", "error_field": "x"}, "error_field 'x' must differ"),
+    ({"image_column": "img", "error_column": "img"}, "error_field 'img' must differ"),
+    ({"image_field": 5}, "image_field must be a field name"),
+    ({"image_key": ["jpg", 3]}, "image_key must be a field name"),
 ])
 def test_bad_values_are_refused_once_with_the_name_used(kwargs, match):
     with pytest.raises((ValueError, TypeError), match=match):

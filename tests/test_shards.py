@@ -29,6 +29,7 @@ from webdataset.gopen import gopen_schemes
 
 from vqgan_datasets import distributed
 from vqgan_datasets import shards as vqshards
+from vqgan_datasets.handle import ModelHandle
 from vqgan_datasets.metadata import METADATA_KEY
 from vqgan_datasets.modeling import VQModel
 
@@ -165,6 +166,43 @@ def test_tokenize_shards_splits_shards_across_processes(model, shards, tmp_path)
     assert distributed.assign(10, (1, 3), (1, 2)) == [4]  # then across DataLoader workers
     with pytest.raises(ValueError, match="process_index"):
         vqshards.tokenize_shards(urls, tmp_path, model=model, process_index=2, process_count=2)
+
+
+def test_shard_options_overwrite_is_honoured(model, shards, tmp_path):
+    """options=ShardOptions(overwrite=True) was silently ignored: tokenize_shards passed its
+    own overwrite=False down, so nothing was redone."""
+    root, urls = shards
+    first = vqshards.tokenize_shards(urls[:1], tmp_path, model=model, batch_size=BATCH,
+                                     progress=False)
+    assert [s.status for s in first.shards] == ["written"]
+    again = vqshards.tokenize_shards(
+        urls[:1], tmp_path, model=model, progress=False,
+        options=vqshards.ShardOptions(batch_size=BATCH, overwrite=True))
+    assert [s.status for s in again.shards] == ["written"]
+
+
+@pytest.mark.parametrize("index", [0, 1])
+def test_a_multihost_process_that_raised_still_meets_every_barrier(model, shards, tmp_path,
+                                                                   monkeypatch, index):
+    """A process whose run raised skipped the second barrier, so its peers waited there for
+    it; it must meet both, then re-raise. Process 0 still writes the manifest, naming why."""
+    root, urls = shards
+    met: list[str] = []
+    monkeypatch.setattr(distributed, "barrier", met.append)
+
+    def broken_run():
+        raise RuntimeError("disk on fire")
+
+    spec = ModelHandle.of(model).spec(None)
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        vqshards._tokenize_multihost(broken_run, urls, str(tmp_path), spec, (index, 2),
+                                     time.monotonic())
+    assert met == ["vqgan_datasets.tokenize_shards:converted",
+                   "vqgan_datasets.tokenize_shards:manifest"]
+    if index == 0:
+        manifest = json.loads((tmp_path / "manifest.json").read_text())
+        assert manifest["shards_failed"] == 3
+        assert "process 0 failed: RuntimeError: disk on fire" in manifest["shards"][0]["error"]
 
 
 def test_tokenize_shards_reads_fsspec_and_pipe_urls(model, shards, samples, reference, tmp_path,

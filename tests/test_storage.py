@@ -193,3 +193,16 @@ def test_a_real_write_limit_names_the_file(tmp_path):
     assert out.stdout.startswith(f"OSError {errno.EFBIG} "), out.stdout + out.stderr
     assert target in out.stdout
     assert os.listdir(tmp_path) == []
+
+
+def test_create_exclusive_leaves_no_temporary_file_when_the_disk_is_full(tmp_path, monkeypatch):
+    """Its hidden temporary file (written before the hard link) stayed behind on ENOSPC, and
+    no sweep ever removes it."""
+    real_open = open
+    monkeypatch.setattr(storage, "open", lambda *a, **k: _FullDisk(real_open(*a, **k)),
+                        raising=False)
+    target = str(tmp_path / ".x.tar.claim")
+    with pytest.raises(OSError) as info:
+        storage.create_exclusive(target, b"record")
+    assert info.value.errno == errno.ENOSPC and target in str(info.value)
+    assert os.listdir(tmp_path) == []

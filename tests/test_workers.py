@@ -264,3 +264,78 @@ def test_settings():
         host_settings(None, 1.5, None)
     with pytest.raises(ValueError, match="sample_timeout_s must be > 0"):
         host_settings(None, None, 0)
+
+
+# -- review: defects reproduced first -----------------------------------------------------------
+
+
+def _result_within(batch, seconds: float):
+    """batch.result() on a helper thread: ("ok", Prepared) / ("error", exc), or "hung"."""
+    import threading
+
+    out = []
+
+    def wait() -> None:
+        try:
+            out.append(("ok", batch.result()))
+        except Exception as e:
+            out.append(("error", e))
+
+    thread = threading.Thread(target=wait, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    return out[0] if out else "hung"
+
+
+def test_close_racing_a_submit_never_leaves_its_batch_waiting_for_ever(monkeypatch):
+    # Another thread closes the pool while submit() is still pickling the batch's inputs (an
+    # engine replaced by get_engine, Engine.close on another thread): the batch must not be
+    # queued into a pool whose manager is gone.
+    pool = WorkerPool(1, threads=1, sample_timeout_s=10.0)
+    pickle_input = pool._payload
+
+    def close_meanwhile(*args):
+        payload = pickle_input(*args)
+        pool.close()
+        return payload
+
+    monkeypatch.setattr(pool, "_payload", close_meanwhile)
+    with pytest.raises(RuntimeError, match="closed"):
+        batch = pool.submit([_jpeg(0)], [0], image_size=SIZE)
+        assert _result_within(batch, 5.0) != "hung"
+
+
+@pytest.mark.parametrize("workers", [1, 0])
+def test_closing_the_pool_under_a_waiting_batch_raises_instead_of_failing_its_samples(workers):
+    # Samples cut off by close() did not fail: blaming them would drop good inputs under
+    # on_error="skip" (counted as bad images) or raise an error naming an innocent key.
+    pool = WorkerPool(workers, threads=1, sample_timeout_s=30.0)
+    pool.submit([_jpeg(0)], [0], image_size=SIZE).result()  # started and warm
+    busy = pool.submit([slow_jpeg(400), _jpeg(1), _jpeg(2)], ["slow", "b", "c"], image_size=SIZE)
+    time.sleep(0.3)
+    pool.close()
+    outcome = _result_within(busy, 20.0)
+    assert outcome != "hung"
+    kind, value = outcome
+    assert kind == "error" and isinstance(value, RuntimeError), outcome
+    assert "closed" in str(value)
+
+
+def test_workers_resolve_relative_paths_in_the_callers_current_directory(pool, tmp_path):
+    # Workers are reused across calls; a relative path must mean what it means to the caller
+    # now, not where the caller stood when the workers started.
+    first, second = tmp_path / "first", tmp_path / "second"
+    for folder, seed in ((first, 1), (second, 2)):
+        folder.mkdir()
+        (folder / "photo.jpg").write_bytes(_jpeg(seed))
+    expected = [load_image(folder / "photo.jpg", SIZE) for folder in (first, second)]
+    before = os.getcwd()
+    try:
+        for folder, pixels in zip((first, second), expected, strict=True):
+            os.chdir(folder)
+            prepared = pool.submit(["photo.jpg", {"path": "photo.jpg", "bytes": None}],
+                                   [0, 1], image_size=SIZE).result()
+            assert prepared.ok.all(), prepared.reasons
+            assert np.array_equal(prepared.pixels, np.stack([pixels, pixels]))
+    finally:
+        os.chdir(before)

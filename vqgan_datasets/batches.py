@@ -76,12 +76,16 @@ class Batch:
         self._cond = threading.Condition()
         self._timeout_s = timeout_s
         self._local: list[LocalTask] = []  # samples on this process's threads
+        self._aborted: str | None = None
         self.cancelled = False
 
     def result(self) -> Prepared:
-        """Wait for every input; failures come back as reasons, never raised."""
+        """Wait for every input; failures come back as reasons, never raised. Raises
+        RuntimeError when the batch was aborted (`abort`) before every input had an outcome."""
         with self._cond:
             while self._remaining:
+                if self._aborted is not None:
+                    raise RuntimeError(self._aborted)
                 timeout = self._fail_overdue_local_tasks()
                 if self._remaining:
                     self._cond.wait(timeout)
@@ -95,6 +99,14 @@ class Batch:
         for task in self._local:
             if task.future is not None:
                 task.future.cancel()
+
+    def abort(self, reason: str) -> None:
+        """Give up on the inputs still outstanding for a reason that is not theirs (the pool was
+        closed under them): `result()` raises instead of blaming those samples."""
+        with self._cond:
+            if self._aborted is None:
+                self._aborted = reason
+            self._cond.notify_all()
 
     def complete(self, index: int, pixels: np.ndarray | None, reason: str | None) -> None:
         """Record input `index`'s pixels, or why it failed; the first outcome recorded wins."""

@@ -231,10 +231,11 @@ def _write_shard(url, target, names, engine, options, spec, settings, progress,
         max_sample_bytes=getattr(options, "max_sample_bytes", DEFAULT_MAX_SAMPLE_BYTES))
     try:
         with storage.atomic_write(target) as f:
-            writer = TarWriter(f, format="PAX_FORMAT")  # PAX: any key length, UTF-8 names
+            # PAX: any key length, UTF-8 names. Fields go out as _tar_fields made them.
+            writer = TarWriter(f, format="PAX_FORMAT", encoder=False, keep_meta=True)
             try:
                 for sample in encode_stream(samples, engine, stream_options, stats):
-                    writer.write(sample)
+                    writer.write(_tar_fields(sample))
                     if progress is not None:
                         progress(stats.samples_in - counted)
                     counted = stats.samples_in
@@ -292,6 +293,22 @@ def _write_shard(url, target, names, engine, options, spec, settings, progress,
                        samples_in=stats.samples_in, encoded=stats.encoded,
                        skipped=stats.skipped, failed=stats.failed, seconds=seconds,
                        errors=stats.errors, members_skipped=dict(members.counts))
+
+
+def _tar_fields(sample: dict[str, Any]) -> dict[str, Any]:
+    """The sample as its output members: the input's fields byte for byte (webdataset's encoder
+    would gzip a ".gz" field a second time, and refuses or drops fields starting with "_"),
+    our own fields (tokens, error) encoded by their extension, `__key__` and no other metadata."""
+    from webdataset.writer import default_handlers, encode_based_on_extension1
+
+    out = {"__key__": sample["__key__"]}
+    for name, value in sample.items():
+        if name.startswith("__") and name.endswith("__"):
+            continue
+        if not isinstance(value, (bytes, bytearray, memoryview)):
+            value = encode_based_on_extension1(value, name, default_handlers)
+        out[name] = value
+    return out
 
 
 class _Members:

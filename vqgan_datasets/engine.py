@@ -129,6 +129,7 @@ class Engine:
         self._decode_fns: dict[tuple[int, int], Callable] = {}
         self._pools_lock = threading.Lock()
         self._load_pool: WorkerPool | None = None
+        self._pool_finalizer: weakref.finalize | None = None
 
     # -- properties --------------------------------------------------------------------------
 
@@ -230,9 +231,9 @@ class Engine:
     def close(self) -> None:
         """Stop the preprocessing workers (they start again if the engine is used again)."""
         with self._pools_lock:
-            pool, self._load_pool = self._load_pool, None
-        if pool is not None:
-            pool.close()
+            finalizer, self._pool_finalizer, self._load_pool = self._pool_finalizer, None, None
+        if finalizer is not None:
+            finalizer()  # closes the pool once, and lets it go
 
     def __enter__(self) -> Engine:
         return self
@@ -302,10 +303,13 @@ class Engine:
         with self._pools_lock:
             pool = self._load_pool
             if pool is None or pool.closed or pool.pid != os.getpid():
+                if self._pool_finalizer is not None:  # closed, or another process's
+                    self._pool_finalizer()
                 pool = self._load_pool = WorkerPool(
                     self.workers, threads=self.num_threads, sample_timeout_s=self.sample_timeout_s
                 )
-                weakref.finalize(self, pool.close)  # a dropped engine stops its workers
+                # A dropped engine stops its workers; close() runs this once and releases it.
+                self._pool_finalizer = weakref.finalize(self, pool.close)
             return pool
 
     def _encode_stream(
@@ -467,8 +471,8 @@ def get_engine(model: VQModel, **kwargs) -> Engine:
         per_model = _ENGINES.setdefault(model, {})
         engine = per_model.get(key)
         if engine is None or engine._params_source is not model.params:
-            if engine is not None:
-                engine.close()
+            # A replaced engine is dropped, not closed: a stream may still be reading it. Its
+            # workers stop when the last reference goes (the finalizer in `_pool`).
             engine = Engine(model, **settings)
             # A strong reference from the value would keep the weak key alive for ever.
             engine._model = weakref.ref(model)

@@ -50,7 +50,7 @@ def default_batch_size(devices: Sequence[jax.Device], config) -> int:
         limit = None
     per_image = _BYTES_PER_IMAGE * max((config.resolution / 256) ** 2 * config.ch / 128, 1e-3)
     fits = min(_ACCELERATOR_BATCH, int(limit / 2 / per_image)) if limit else _ACCELERATOR_BATCH
-    batch = _CPU_BATCH
+    batch = 1  # a power of two: the buckets stay few; at least 1 even when none fits
     while batch * 2 <= fits:
         batch *= 2
     return batch

@@ -80,6 +80,32 @@ def normalize_ref(name: str | os.PathLike) -> str:
     return str(path.resolve()) if path.is_dir() else os.fspath(name)
 
 
+def _current(key: tuple, model: VQModel) -> bool:
+    """Whether a cached model still has the weights its key names: `model.params = ...` since
+    it was cached makes it another model (a checkpoint's loses its source)."""
+    digest = key[-1]
+    if key[0] is not None:
+        return model.source is not None and model.source.weights_digest == digest
+    return model.weights_digest == digest
+
+
+def _cached(key: tuple) -> VQModel | None:
+    """The cached model for `key`, unless its weights were replaced since."""
+    with _CACHE_LOCK:
+        model = _CACHE.get(key)
+    return model if model is not None and _current(key, model) else None
+
+
+def _store(key: tuple, model: VQModel) -> VQModel:
+    """Cache `model` under `key` unless a current one is there; returns the one cached."""
+    with _CACHE_LOCK:
+        held = _CACHE.get(key)
+        if held is not None and held is not model and _current(key, held):
+            return held
+        _CACHE[key] = model
+        return model
+
+
 class ModelHandle:
     """A model by Hub id, local directory or VQModel: described without loading, loaded once
     per process, pickled by the rule in this module's docstring.
@@ -101,6 +127,7 @@ class ModelHandle:
                 self._name = source.name
                 self.revision = source.revision
             self.dtype = dtype_name(self._model.dtype)
+            self._seen = self._model.params
             if source is not None:  # its digest is the file's, known without hashing
                 self._described = (self._model.config, self._model.weights_digest,
                                    self.revision)
@@ -120,6 +147,7 @@ class ModelHandle:
         self._name: str | os.PathLike | None = None  # normalized on first use, not here
         self._ref: str | None = None
         self._state: dict[str, Any] | None = None  # unpickled in-memory weights, not yet built
+        self._seen: Any = None  # the held model's params when it was described (see _follow)
 
     @classmethod
     def of(cls, model: Any, *, revision: str | None = None, dtype: Any = None,
@@ -139,6 +167,7 @@ class ModelHandle:
     @property
     def ref(self) -> str | None:
         """Hub id, or the absolute path of a local directory; None for weights only in memory."""
+        self._follow()
         if self._ref is None and self._name is not None:
             self._ref = normalize_ref(self._name)
         return self._ref
@@ -150,11 +179,13 @@ class ModelHandle:
 
     def describe(self) -> tuple[VQGANConfig, str, str | None]:
         """(config, weights digest, Hub commit), from the files without reading the weights."""
+        self._follow()
         if self._described is not None:
             return self._described
         with self._lock:
             if self._described is None and self._model is not None:  # in memory: hash it once
                 model = self._model
+                self._seen = model.params
                 self._described = (model.config, model.weights_digest, self.revision)
             elif self._described is None:
                 directory, commit = checkpoints.resolve(self.ref, revision=self.revision)
@@ -164,6 +195,19 @@ class ModelHandle:
                 digest = checkpoints.file_digest(checkpoints.weights_file(directory))
                 self._described = (config, digest, commit)
         return self._described
+
+    def _follow(self) -> None:
+        """The held model's params were replaced (`model.params = ...`) since it was described:
+        describe the new weights, which exist only in memory (a stale identity would give
+        them the old weights' fingerprint, cache entries and checkpoint reference)."""
+        model = self._model
+        if model is None or self._seen is None or model.params is self._seen:
+            return
+        with self._lock:
+            self._seen = model.params
+            if model.source is None:
+                self._name = self._ref = self.revision = None
+            self._described = (model.config, model.weights_digest, self.revision)
 
     def expect(self, config: VQGANConfig, digest: str, commit: str | None) -> None:
         """Take the identity as recorded (e.g. in a pickle): nothing is read until load()."""
@@ -185,6 +229,7 @@ class ModelHandle:
         with self._lock:
             if self._model is None:
                 self._model = self._load_state() if self._state is not None else self._load()
+                self._seen = self._model.params
         return self._model
 
     def _load(self) -> VQModel:
@@ -192,8 +237,7 @@ class ModelHandle:
         if self.ref is None:
             raise RuntimeError(_IN_MEMORY_MESSAGE)
         key = (self.ref, commit, self.dtype, tuple(config.value_range), digest)
-        with _CACHE_LOCK:
-            model = _CACHE.get(key)
+        model = _cached(key)
         if model is not None:
             return model
         model = VQModel.from_pretrained(self.ref, revision=commit or self.revision,
@@ -203,16 +247,14 @@ class ModelHandle:
                 f"the weights of {self.ref} changed since this model was described "
                 f"({digest} then, {model.weights_digest} now); create it again"
             )
-        with _CACHE_LOCK:
-            return _CACHE.setdefault(key, model)
+        return _store(key, model)
 
     def _load_state(self) -> VQModel:
         """An in-memory model sent by value: rebuilt once per process (cached by digest)."""
         state = self._state
         config = VQGANConfig.from_dict(state["config"])
         key = (None, None, self.dtype, tuple(config.value_range), state["digest"])
-        with _CACHE_LOCK:
-            model = _CACHE.get(key)
+        model = _cached(key)
         if model is None:
             model = VQModel(config, state["params"], dtype=self.dtype)
             if model.weights_digest != state["digest"]:
@@ -220,17 +262,14 @@ class ModelHandle:
                     f"the pickled parameters do not match their digest ({state['digest']} "
                     f"recorded, {model.weights_digest} computed)"
                 )
-            with _CACHE_LOCK:
-                model = _CACHE.setdefault(key, model)
+            model = _store(key, model)
         self._state = None
         return model
 
     def _remember(self, model: VQModel) -> None:
         """Put a given VQModel in the cache, so that copies unpickled here reuse it."""
         config, digest, commit = self._described
-        key = (self.ref, commit, self.dtype, tuple(config.value_range), digest)
-        with _CACHE_LOCK:
-            _CACHE.setdefault(key, model)
+        _store((self.ref, commit, self.dtype, tuple(config.value_range), digest), model)
 
     def _adapt(self, model: VQModel, dtype: Any) -> VQModel:
         """The given VQModel, or one sharing its weights with another dtype or value range."""
@@ -288,8 +327,8 @@ class ModelHandle:
             return ModelHandle.from_reference, (self.reference(),)
         model = self.load()
         config, digest, _ = self.describe()
-        with _CACHE_LOCK:  # a copy unpickled in this process finds it here, not rebuilt
-            _CACHE.setdefault((None, None, self.dtype, tuple(config.value_range), digest), model)
+        # A copy unpickled in this process finds it here, not rebuilt.
+        _store((None, None, self.dtype, tuple(config.value_range), digest), model)
         import jax
 
         params = jax.tree_util.tree_map(np.asarray, model.params)

@@ -116,6 +116,7 @@ class VQGANTokenizer:
         self.options = options
         self._source = handle
         self._spec: TokenizerSpec | None = None
+        self._spec_of: tuple | None = None  # the model's description it was made from
         self.stats = MapStats()
         self._last_warning = 0.0
         self._parent_warned = False  # unpickled in a pool worker whose parent warned
@@ -162,10 +163,12 @@ class VQGANTokenizer:
 
     @property
     def spec(self) -> TokenizerSpec:
-        """What makes these tokens; computed without loading the weights."""
-        if self._spec is None:
+        """What makes these tokens; computed without loading the weights (again when the given
+        VQModel's params were replaced since: the fingerprint follows the weights)."""
+        described = None if self._source is None else self._source.describe()
+        if self._spec is None or described is not self._spec_of:
             spec = self._source.spec(self.options.image_size, preprocess=self.options.preprocess)
-            self._spec = _with_token_dtype(spec, self.options.token_dtype)
+            self._spec, self._spec_of = _with_token_dtype(spec, self.options.token_dtype), described
         return self._spec
 
     @property

@@ -280,7 +280,7 @@ class VQModel:
         self.config = config
         self.dtype = jnp.dtype(dtype)
         self.module = module_from_config(config, self.dtype)
-        self.params = params if params is not None else init_params(config, seed)
+        self._weights = params if params is not None else init_params(config, seed)
         self.source = source  # checkpoints.CheckpointSource, or None for in-memory weights
         self._digest: str | None = source.weights_digest if source is not None else None
         self._encode = jax.jit(lambda p, x: self.module.apply({"params": p}, x, method=VQGAN.encode))
@@ -341,6 +341,21 @@ class VQModel:
         """Write config.json, model.safetensors and flax_model.msgpack (vqgan-jax reads the latter)."""
         checkpoints.save(save_directory, self.config, params if params is not None else self.params,
                          param_shapes(self.config), formats=formats)
+
+    @property
+    def params(self) -> dict:
+        """The parameter tree (what the methods use when not given `params=`)."""
+        return self._weights
+
+    @params.setter
+    def params(self, params: dict) -> None:
+        """Replace the weights (vqgan-jax's `model.params = state`): they are no longer the
+        checkpoint's, so the digest is recomputed and the model counts as in-memory (a stale
+        digest would give other weights' tokens their fingerprint and cache entries)."""
+        if params is not self._weights:
+            self._weights = params
+            self._digest = None
+            self.source = None
 
     @property
     def weights_digest(self) -> str:

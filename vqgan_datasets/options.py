@@ -118,6 +118,8 @@ class EncodeOptions:
             if self.workers < 0:
                 raise ValueError(f"workers must be >= 0, got {self.workers}")
             set_(self, "workers", int(self.workers))
+        if not isinstance(self.keep_image, (bool, np.bool_)):  # "false" would read as True
+            raise TypeError(f"keep_image must be True or False, got {self.keep_image!r}")
         set_(self, "keep_image", bool(self.keep_image))
         if self.image_field is not None:
             name = next((a for a in ("image_key", "image_column") if given[a] is not None),
@@ -129,6 +131,10 @@ class EncodeOptions:
                 raise ValueError(f"{field} must be a non-empty string, got {value!r}")
         if self.output_field is not None and self.output_field in self.image_fields(()):
             raise ValueError("output_field must differ from image_field")
+        if self.error_field is not None and self.error_field in (
+                self.output_field, *self.image_fields(())):  # one field would overwrite the other
+            raise ValueError(f"error_field {self.error_field!r} must differ from output_field "
+                             "and image_field")
         if self.token_dtype is not None:
             try:
                 dtype = np.dtype(self.token_dtype)
@@ -235,6 +241,9 @@ def _image_fields(value: Any, name: str) -> str | tuple[str, ...]:
 
 
 def _parse_fields(value: str | Sequence[str], name: str) -> tuple[str, ...]:
+    if not isinstance(value, Sequence) or not all(isinstance(p, str) for p in value):
+        raise TypeError(f"{name} must be a field name, a ';'-joined string or a sequence of "
+                        f"names, got {value!r}")
     parts = value.split(";") if isinstance(value, str) else list(value)
     parts = tuple(p.strip().lstrip(".") for p in parts if p and p.strip())
     if not parts:

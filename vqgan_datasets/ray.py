@@ -97,6 +97,7 @@ def tokenize(
                           output_key=output_key, keep_image=keep_image, on_error=on_error,
                           error_key=error_key, batch_size=batch_size, preprocess=preprocess,
                           workers=workers, draft=draft)
+    overwrite = overwrite or bool(getattr(opts, "overwrite", False))  # ShardOptions(overwrite=)
     # Pinned to the commit resolved here, so that every worker loads the same weights; the
     # spec comes from config.json and the digest, without loading the weights.
     handle = ModelHandle.of(model, revision=revision).portable()

@@ -122,6 +122,7 @@ def tokenize_shards(
                           output_key=output_key, keep_image=keep_image, on_error=on_error,
                           error_key=error_key, batch_size=batch_size, preprocess=preprocess,
                           workers=workers, draft=draft)
+    overwrite = overwrite or bool(getattr(opts, "overwrite", False))  # ShardOptions(overwrite=)
     spec = handle.spec(opts.image_size, preprocess=opts.preprocess)
     output = normalize_output(output)
     import jax
@@ -217,9 +218,8 @@ def _tokenize_multihost(run: Callable[[], Manifest], inputs, output: str, spec: 
     error: BaseException | None = None
     try:
         own = run()
-    except BaseException as e:
+    except BaseException as e:  # re-raised after the last barrier: the others wait there too
         error = e
-        raise
     finally:
         # What this process did, for process 0 to merge: shard statuses and why shards failed
         # (the stats files hold the counts, but a failed shard has no stats file). Best effort:
@@ -235,7 +235,8 @@ def _tokenize_multihost(run: Callable[[], Manifest], inputs, output: str, spec: 
     merged = None
     try:
         if index == 0:
-            merged = _merge(expand_urls(inputs), output, spec, count, own)
+            own_error = None if error is None else f"{type(error).__name__}: {error}"
+            merged = _merge(expand_urls(inputs), output, spec, count, own, own_error)
             merged.seconds = time.monotonic() - started
             merged.path = storage.join(directory, MANIFEST_NAME)
             storage.write_json(merged.path, merged.to_dict())
@@ -245,6 +246,8 @@ def _tokenize_multihost(run: Callable[[], Manifest], inputs, output: str, spec: 
     finally:
         # So that manifest.json exists when any process returns.
         distributed.barrier(f"{_BARRIER}:manifest")
+    if error is not None:
+        raise error
     if merged is not None:
         return merged
     own.seconds = time.monotonic() - started
@@ -257,12 +260,13 @@ def _part_name(index: int, count: int) -> str:
 
 
 def _merge(urls: list[str], output: str, spec: TokenizerSpec, count: int,
-           own: Manifest | None) -> Manifest:
+           own: Manifest | None, own_error: str | None = None) -> Manifest:
     """One manifest for every shard: counts from the stats files, statuses from the processes'
-    parts (`own` is process 0's, in memory)."""
+    parts (`own` is process 0's, in memory; `own_error` why its run raised)."""
     directory = output_dir(output)
     statuses: dict[str, ShardReport] = {}
-    process_errors: dict[int, str] = {}
+    process_errors: dict[int, str] = {} if own_error is None else {0: f"process 0 failed: "
+                                                                      f"{own_error}"}
     for i in range(1, count):
         part = storage.read_json(storage.join(directory, _part_name(i, count))) or {}
         if part.get("error"):

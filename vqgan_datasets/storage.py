@@ -349,14 +349,15 @@ def create_exclusive(path: str, data: bytes) -> bool:
         if is_local(path):
             temp = join(split(path)[0], f"{temp_prefix(split(path)[1])}{owner_tag()}-"
                                         f"{uuid.uuid4().hex[:8]}")
-            with open(temp, "wb") as f:
-                f.write(data)
             try:
+                with open(temp, "wb") as f:
+                    f.write(data)
                 os.link(temp, path)
             except FileExistsError:
                 return False
             finally:
-                os.remove(temp)
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(temp)
             return True
         fs, inner = _fs(path)
         try:

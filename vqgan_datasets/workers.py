@@ -12,7 +12,8 @@ worker's shared-memory arena: measured on the 2-core machine, parent CPU per 256
 --transport`). Bytes, paths, {"bytes", "path"} dicts and arrays go to the workers. PIL images
 are preprocessed here, on threads: they are already decoded (a pickle would carry their pixels,
 not their file) and can hold state a pickle drops (an animation's current frame); so is
-anything that does not pickle.
+anything that does not pickle. A worker resolves relative paths in the directory that was
+current when the batch was submitted.
 
 Time bound: a worker busy on one sample for longer than `sample_timeout_s` is killed and
 replaced; that sample fails with the reason, and those queued behind it go to other workers.
@@ -95,10 +96,21 @@ def host_settings(workers: int | None, num_threads: int | None,
             "sample_timeout_s": sample_timeout_s}
 
 
-def _preprocess_one(item, image_size: int, preprocess: str) -> np.ndarray:
+def _preprocess_one(item, image_size: int, preprocess: str, cwd: str | None = None) -> np.ndarray:
+    """The workers' task. `cwd`: the caller's working directory when it submitted the sample
+    (a worker outlives calls; a relative path means what it means to the caller now)."""
     from . import images
 
+    if cwd is not None and cwd != os.getcwd():
+        os.chdir(cwd)
     return images.load_image(item, image_size, preprocess=preprocess)
+
+
+def _caller_cwd() -> str | None:
+    try:
+        return os.getcwd()
+    except OSError:  # removed under us: relative paths cannot be resolved anywhere
+        return None
 
 
 def _failure(error: BaseException) -> str:
@@ -162,18 +174,21 @@ class WorkerPool:
             )
         batch = Batch(keys, image_size, self.sample_timeout_s)
         remote: list[_Task] = []
+        cwd = _caller_cwd() if self.mode == "processes" else None
         for index, item in enumerate(items):
-            payload = self._payload(item, image_size, preprocess)
+            payload = self._payload(item, image_size, preprocess, cwd)
             if payload is None:
                 self._run_local(batch, index, item, image_size, preprocess)
             else:
                 remote.append(_Task(batch, index, payload, next(self._ids)))
         with self._lock:
+            if self.closed:  # by another thread meanwhile: nothing would ever run these
+                raise RuntimeError("this preprocessing pool was closed during submit")
             if self.mode == "processes":
                 self._pending.extend(remote)
                 remote = []
         for task in remote:  # the pool fell back to threads meanwhile
-            self._run_local(batch, task.index, *pickle.loads(task.payload))
+            self._run_local(batch, task.index, *pickle.loads(task.payload)[:3])
         self._start()
         self._wake()
         return batch
@@ -214,7 +229,8 @@ class WorkerPool:
                 batch.cancel()
 
     def close(self) -> None:
-        """Stop the workers and fail whatever was still queued; idempotent."""
+        """Stop the workers; batches still waiting raise RuntimeError in `result()` (their samples
+        did not fail, the pool stopped). Idempotent."""
         with self._lock:
             if self.closed:
                 return
@@ -231,8 +247,8 @@ class WorkerPool:
         for worker in workers:
             pending.extend(task for task, _ in worker.inflight)
             worker.stop(kill=bool(worker.inflight))
-        for task in pending:
-            task.batch.complete(task.index, None, "the preprocessing pool was closed")
+        for task in pending:  # not the samples' fault: their batches raise in result()
+            task.batch.abort("the preprocessing pool was closed before this batch was done")
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
         for sock in (self._wake_r, self._wake_w):
@@ -247,7 +263,7 @@ class WorkerPool:
 
     # -- submitting ------------------------------------------------------------------------------
 
-    def _payload(self, item, image_size: int, preprocess: str) -> bytes | None:
+    def _payload(self, item, image_size: int, preprocess: str, cwd: str | None) -> bytes | None:
         """The pickled task for a worker process, or None to preprocess `item` here."""
         if self.mode != "processes" or isinstance(item, Image.Image):
             return None
@@ -256,7 +272,8 @@ class WorkerPool:
         if not isinstance(item, (bytes, bytearray, str, os.PathLike, dict, np.ndarray)):
             return None  # load_image names what it accepts
         try:
-            return pickle.dumps((item, image_size, preprocess), protocol=pickle.HIGHEST_PROTOCOL)
+            return pickle.dumps((item, image_size, preprocess, cwd),
+                                protocol=pickle.HIGHEST_PROTOCOL)
         except Exception:
             return None
 
@@ -276,15 +293,24 @@ class WorkerPool:
             batch.complete(index, pixels, reason)
 
         with self._lock:
+            if self.closed:  # raced with close(): no executor may start after it
+                batch.abort("the preprocessing pool was closed before this batch was done")
+                return
             if self._executor is None:
                 self._executor = concurrent.futures.ThreadPoolExecutor(
                     self.threads, thread_name_prefix="vqgan-preprocess"
                 )
             task.future = self._executor.submit(run)
-        # Cancelled before it ran (the batch was dropped, or the pool closed): still complete.
-        task.future.add_done_callback(
-            lambda f: batch.complete(index, None, "cancelled") if f.cancelled() else None
-        )
+
+        def not_run(future: concurrent.futures.Future) -> None:
+            if not future.cancelled():
+                return
+            if batch.cancelled:  # dropped by its reader
+                batch.complete(index, None, "cancelled")
+            else:  # the pool closed under a batch someone waits for: not the sample's fault
+                batch.abort("the preprocessing pool was closed before this batch was done")
+
+        task.future.add_done_callback(not_run)
 
     # -- processes: start, fall back ----------------------------------------------------------
 
@@ -319,7 +345,7 @@ class WorkerPool:
             if task.batch.cancelled:
                 task.batch.complete(task.index, None, "cancelled")
             else:
-                self._run_local(task.batch, task.index, *pickle.loads(task.payload))
+                self._run_local(task.batch, task.index, *pickle.loads(task.payload)[:3])
 
     # -- processes: the manager thread ----------------------------------------------------------
 
