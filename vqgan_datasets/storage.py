@@ -64,19 +64,11 @@ logger = logging.getLogger(__name__)
 HOST = socket.gethostname()  # who writes, in temporary names and claims
 
 
-class ShardReadError(OSError):
+class ShardReadError(TarReadError):
     """A shard could not be opened or read as a tar stream (missing, truncated, corrupt, not a
     tar); `offset` is the tar byte of the damage when known."""
 
-    def __init__(self, url: str, reason: str, offset: int | None = None):
-        self.url = url
-        self.reason = reason
-        self.offset = offset
-        where = "" if offset is None else f" at tar byte {offset}"
-        super().__init__(f"cannot read shard {url}: {reason}{where}")
-
-    def __reduce__(self):
-        return type(self), (self.url, self.reason, self.offset)
+    what = "shard"
 
 
 # ------------------------------------------------------------------------------ reading

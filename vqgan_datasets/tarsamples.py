@@ -104,12 +104,14 @@ class SkippedMember:
 class TarReadError(OSError):
     """The tar stream of `url` is truncated, corrupt or not a tar; `offset` is the tar byte."""
 
+    what = "tar"  # how the message names the stream
+
     def __init__(self, url: str, reason: str, offset: int | None = None):
         self.url = url
         self.reason = reason
         self.offset = offset
         where = "" if offset is None else f" at tar byte {offset}"
-        super().__init__(f"cannot read tar {url}: {reason}{where}")
+        super().__init__(f"cannot read {self.what} {url}: {reason}{where}")
 
     def __reduce__(self):
         return type(self), (self.url, self.reason, self.offset)
