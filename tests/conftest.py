@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
+from pathlib import Path
 
 # Tests never touch the network or the user's caches.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -91,3 +94,45 @@ def shards(samples, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("shards")
     return root, make_shards(root, samples)
+
+
+SAMPLES = Path(__file__).resolve().parents[1] / "examples" / "images"
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """Three of the sample photos in a nested folder (file names are kept as row names)."""
+    root = tmp_path_factory.mktemp("photos")
+    (root / "sub").mkdir()
+    for name in ("astronaut", "coffee"):
+        shutil.copy(SAMPLES / f"{name}.jpg", root / f"{name}.jpg")
+    shutil.copy(SAMPLES / "chelsea.jpg", root / "sub" / "chelsea.jpg")
+    return root
+
+
+class FullDisk:
+    """A file whose writes fail with ENOSPC, as a full disk's do (no file name in them)."""
+
+    def __init__(self, f):
+        self._f = f
+
+    def write(self, data):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._f.close()
+
+
+def alive(pid: int) -> bool:
+    """Whether process `pid` runs (a zombie, exited but not reaped, does not count)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"

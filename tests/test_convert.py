@@ -13,6 +13,7 @@ import tarfile
 import textwrap
 
 import pytest
+from conftest import FullDisk
 from test_wds import BATCH, check_outputs, make_samples, read_tar, snapshot, write_tar
 
 from vqgan_datasets import convert, storage
@@ -255,18 +256,7 @@ def test_a_shard_another_live_writer_holds_is_left_alone(model, samples, referen
 def test_enospc_while_writing_a_shard_names_it(model, samples, tmp_path, monkeypatch):
     url = write_tar(tmp_path / "in.tar", samples[:3])
     real_open = open
-
-    class Full:
-        def __init__(self, f):
-            self._f = f
-
-        def write(self, data):
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-        def __getattr__(self, name):
-            return getattr(self._f, name)
-
-    monkeypatch.setattr(storage, "open", lambda *a, **k: Full(real_open(*a, **k)),
+    monkeypatch.setattr(storage, "open", lambda *a, **k: FullDisk(real_open(*a, **k)),
                         raising=False)
     out = tmp_path / "o"
     out.mkdir()

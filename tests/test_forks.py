@@ -38,6 +38,21 @@ def _run(script: str, timeout: float = 120) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=timeout)
 
 
+def _run_loader(source: str, tmp_path, timeout: float) -> dict:
+    """Run a WebLoader script in a fresh interpreter; what its RESULT line reports."""
+    import json
+
+    script = tmp_path / "loader.py"
+    script.write_text(source)
+    done = subprocess.run(
+        [sys.executable, str(script), json.dumps(CONFIG.to_dict()), str(tmp_path / "s.tar")],
+        env=_env(), capture_output=True, text=True, timeout=timeout,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    line = next(x for x in done.stdout.splitlines() if x.startswith("RESULT"))
+    return json.loads(line[len("RESULT "):])
+
+
 def _in_forked_child(engine: Engine, model: VQModel, queue) -> None:
     outcomes = []
     for name, call in (
@@ -163,17 +178,7 @@ except RuntimeError as e:
 def test_webloader_with_forked_workers_after_the_parent_used_jax(tmp_path):
     pytest.importorskip("torch")
     pytest.importorskip("webdataset")
-    import json
-
-    script = tmp_path / "loader.py"
-    script.write_text(WEBLOADER_SCRIPT)
-    done = subprocess.run(
-        [sys.executable, str(script), json.dumps(CONFIG.to_dict()), str(tmp_path / "s.tar")],
-        env=_env(), capture_output=True, text=True, timeout=180,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    line = next(x for x in done.stdout.splitlines() if x.startswith("RESULT"))
-    result = json.loads(line[len("RESULT "):])
+    result = _run_loader(WEBLOADER_SCRIPT, tmp_path, timeout=180)
     assert result["seconds"] < 60  # failed at once, did not hang
     assert "forked after JAX had started in its parent" in result["message"]
     assert "main process" in result["message"] and "'spawn'" in result["message"]
@@ -223,16 +228,6 @@ except RuntimeError as e:
 def test_webloader_idiom_when_the_parent_only_loaded_a_model(tmp_path):
     pytest.importorskip("torch")
     pytest.importorskip("webdataset")
-    import json
-
-    script = tmp_path / "loader.py"
-    script.write_text(LAZY_IDIOM_SCRIPT)
-    done = subprocess.run(
-        [sys.executable, str(script), json.dumps(CONFIG.to_dict()), str(tmp_path / "s.tar")],
-        env=_env(), capture_output=True, text=True, timeout=240,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    line = next(x for x in done.stdout.splitlines() if x.startswith("RESULT"))
-    result = json.loads(line[len("RESULT "):])
+    result = _run_loader(LAZY_IDIOM_SCRIPT, tmp_path, timeout=240)
     assert result["seconds"] < 8, result  # failed at once (the loader gives up after 10 s)
     assert "forked after JAX had started in its parent" in result["message"]

@@ -3,26 +3,10 @@ tar shard patterns told apart and opened; rows named after their file_name/key c
 
 from __future__ import annotations
 
-import shutil
-from pathlib import Path
-
 import datasets
 import pytest
 
 from vqgan_datasets import inputs, jobs
-
-SAMPLES = Path(__file__).resolve().parents[1] / "examples" / "images"
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    """Three of the sample photos in a nested folder (file names are kept as row names)."""
-    root = tmp_path_factory.mktemp("photos")
-    (root / "sub").mkdir()
-    for name in ("astronaut", "coffee"):
-        shutil.copy(SAMPLES / f"{name}.jpg", root / f"{name}.jpg")
-    shutil.copy(SAMPLES / "chelsea.jpg", root / "sub" / "chelsea.jpg")
-    return root
 
 
 def test_open_images_reads_every_kind_of_source(folder, tmp_path):

@@ -4,29 +4,16 @@ apart and opening them: test_inputs.py."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import datasets
 import numpy as np
 import pytest
+from conftest import SAMPLES
 from PIL import Image
 
 from vqgan_datasets import jobs
 from vqgan_datasets.images import load_image
-
-SAMPLES = Path(__file__).resolve().parents[1] / "examples" / "images"
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    """Three of the sample photos in a nested folder (file names are kept as row names)."""
-    root = tmp_path_factory.mktemp("photos")
-    (root / "sub").mkdir()
-    for name in ("astronaut", "coffee"):
-        shutil.copy(SAMPLES / f"{name}.jpg", root / f"{name}.jpg")
-    shutil.copy(SAMPLES / "chelsea.jpg", root / "sub" / "chelsea.jpg")
-    return root
 
 
 def test_encode_decode_round_trip(folder, tmp_path, tiny_model_dir, tiny_model):

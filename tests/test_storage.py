@@ -13,6 +13,7 @@ import tarfile
 
 import fsspec
 import pytest
+from conftest import FullDisk
 from test_wds import make_samples, write_tar
 
 from vqgan_datasets import storage
@@ -141,30 +142,11 @@ def test_a_truncated_shard_yields_what_came_before_then_raises_naming_the_damage
 # ------------------------------------------------------------------------------ named errors
 
 
-class _FullDisk:
-    """A file whose writes fail with ENOSPC, as a full disk's do (no file name in them)."""
-
-    def __init__(self, f):
-        self._f = f
-
-    def write(self, data):
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-    def __getattr__(self, name):
-        return getattr(self._f, name)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self._f.close()
-
-
 def test_enospc_names_the_file_and_keeps_its_type(tmp_path, monkeypatch):
     """Issue 15.9: "No space left on device" named nothing. Now the file being written is in
     the message; the type and errno stay, and no temporary file is left."""
     real_open = open
-    monkeypatch.setattr(storage, "open", lambda *a, **k: _FullDisk(real_open(*a, **k)),
+    monkeypatch.setattr(storage, "open", lambda *a, **k: FullDisk(real_open(*a, **k)),
                         raising=False)
     target = str(tmp_path / "shard.stats.json")
     with pytest.raises(OSError) as info:
@@ -199,7 +181,7 @@ def test_create_exclusive_leaves_no_temporary_file_when_the_disk_is_full(tmp_pat
     """Its hidden temporary file (written before the hard link) stayed behind on ENOSPC, and
     no sweep ever removes it."""
     real_open = open
-    monkeypatch.setattr(storage, "open", lambda *a, **k: _FullDisk(real_open(*a, **k)),
+    monkeypatch.setattr(storage, "open", lambda *a, **k: FullDisk(real_open(*a, **k)),
                         raising=False)
     target = str(tmp_path / ".x.tar.claim")
     with pytest.raises(OSError) as info:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import alive
 from PIL import Image
 
 from vqgan_datasets.workerproc import SLOT_BYTES, SLOTS, WorkerProcess
@@ -32,14 +33,6 @@ def _jpeg(seed: int) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, "JPEG", quality=90)
     return buffer.getvalue()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
 
 
 def _task(*args) -> bytes:
@@ -134,16 +127,16 @@ def test_no_orphans_when_the_parent_is_interrupted_or_killed(how, tmp_path):
                               stderr=subprocess.PIPE, env=env, text=True)
     try:
         pids = json.loads(parent.stdout.readline() or "null")
-        assert pids and all(_alive(pid) for pid in pids), parent.stderr.read()[-2000:]
+        assert pids and all(alive(pid) for pid in pids), parent.stderr.read()[-2000:]
         parent.send_signal(how)
         code = parent.wait(timeout=30)
         assert code == -how  # Python dies of SIGINT after the KeyboardInterrupt unwound
         if how == signal.SIGINT:
             assert "KeyboardInterrupt" in parent.stderr.read()
         deadline = time.monotonic() + 15
-        while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+        while any(alive(pid) for pid in pids) and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert not any(_alive(pid) for pid in pids)
+        assert not any(alive(pid) for pid in pids)
     finally:
         parent.kill()
         parent.wait()

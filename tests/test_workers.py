@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import alive
 from PIL import Image
 
 from vqgan_datasets import workerproc
@@ -57,14 +58,6 @@ def _children_of(pid: int) -> set[int]:
             if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
                 out.add(int(entry))
     return out
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +133,7 @@ def test_slow_sample_is_stopped_its_worker_replaced_and_the_rest_succeed():
         assert f"worker process {first} was stopped and replaced" in prepared.reasons[1]
         expected = np.stack([load_image(items[i], SIZE) for i in (0, 2, 3)])
         assert np.array_equal(prepared.pixels, expected)
-        assert not _alive(first)
+        assert not alive(first)
         assert len(pool.pids) == 1 and pool.pids[0] != first
 
 
@@ -189,7 +182,7 @@ def test_no_children_left_after_an_exception_mid_stream_and_close():
     # The pool is still usable after a consumer failed; close() then stops every worker.
     assert pool.submit([_jpeg(0)], [0], image_size=SIZE).result().ok.all()
     pool.close()
-    assert not any(_alive(pid) for pid in pids)
+    assert not any(alive(pid) for pid in pids)
     assert not _children_of(os.getpid()) & set(pids)  # reaped, not zombies
     with pytest.raises(RuntimeError, match="closed"):
         pool.submit([_jpeg(0)], [0], image_size=SIZE)
@@ -218,7 +211,7 @@ def test_a_forked_copy_of_a_pool_refuses_work_and_leaves_the_workers_alone(pool)
     child.join(timeout=60)
     assert child.exitcode == 0
     assert "belongs to process" in queue.get()
-    assert pool.pids == pids and all(_alive(pid) for pid in pids)
+    assert pool.pids == pids and all(alive(pid) for pid in pids)
     assert pool.submit([_jpeg(1)], [0], image_size=SIZE).result().ok.all()
 
 
