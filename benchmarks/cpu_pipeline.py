@@ -141,10 +141,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     import jax
 
-    from vqgan_datasets.config import VQGANConfig
-    from vqgan_datasets.engine import Engine
-    from vqgan_datasets.images import load_image
-    from vqgan_datasets.workers import WorkerPool
+    from vqgan_datasets.models.config import VQGANConfig
+    from vqgan_datasets.pipeline.engine import Engine
+    from vqgan_datasets.pipeline.images import load_image
+    from vqgan_datasets.pipeline.workers import WorkerPool
 
     files = make_jpegs(args.files)
     n, size, repeats, workers = len(files), args.image_size, args.repeats, args.workers
@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> dict:
         ch=32, ch_mult=(1, 2, 2, 2, 2), num_res_blocks=1, attn_resolutions=(16,),
         resolution=size, z_channels=32, embed_dim=16, n_embed=1024,
     )
-    from vqgan_datasets.modeling import VQModel
+    from vqgan_datasets.models.modeling import VQModel
 
     model = VQModel(config, seed=0)
     pixels = np.stack([load_image(f, size) for f in files])

@@ -54,8 +54,8 @@ from throughput import (  # noqa: E402
     to_model_range,
 )
 
-from vqgan_datasets.config import VQGANConfig, f16_16384  # noqa: E402
-from vqgan_datasets.modeling import VQGAN, module_from_config  # noqa: E402
+from vqgan_datasets.models.config import VQGANConfig, f16_16384  # noqa: E402
+from vqgan_datasets.models.modeling import VQGAN, module_from_config  # noqa: E402
 
 TINY = VQGANConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(16,), resolution=32,
                    z_channels=32, embed_dim=32, n_embed=1024)
@@ -350,7 +350,7 @@ def e2e_row(name: str, count: int, work: Callable[[], object], warm: Callable[[]
 
 
 def e2e_rows(args, config, params) -> None:
-    from vqgan_datasets.modeling import VQModel
+    from vqgan_datasets.models.modeling import VQModel
 
     model = VQModel(config, params, dtype=jnp.dtype(args.e2e_dtype))
     size = args.image_size

@@ -79,8 +79,8 @@ def make_dataset(workdir: Path, rows: int) -> dict:
 
 
 def make_model(workdir: Path) -> str:
-    from vqgan_datasets.config import VQGANConfig
-    from vqgan_datasets.modeling import VQModel
+    from vqgan_datasets.models.config import VQGANConfig
+    from vqgan_datasets.models.modeling import VQModel
 
     config = VQGANConfig(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(16,),
                          resolution=SIZE, z_channels=32, embed_dim=16, n_embed=64)

@@ -72,8 +72,8 @@ def main() -> None:
     import datasets
     from datasets import Dataset, Features, Image, Value
 
-    from vqgan_datasets.engine import get_engine
     from vqgan_datasets.hf import VQGANTokenizer
+    from vqgan_datasets.pipeline.engine import get_engine
 
     datasets.disable_progress_bars()
     jpegs = make_jpegs(args.rows)
@@ -87,8 +87,8 @@ def main() -> None:
         ds = datasets.load_from_disk(f"{tmp}/images")
         model = args.model
         if model == "tiny":
-            from vqgan_datasets.config import VQGANConfig
-            from vqgan_datasets.modeling import VQModel
+            from vqgan_datasets.models.config import VQGANConfig
+            from vqgan_datasets.models.modeling import VQModel
 
             model = f"{tmp}/tiny"
             VQModel(VQGANConfig(ch=8, ch_mult=(1, 1, 1, 1, 1), num_res_blocks=0,

@@ -29,8 +29,8 @@ import numpy as np
 from PIL import Image
 from skimage import data
 
-from vqgan_datasets import _resize
-from vqgan_datasets.images import load_image
+from vqgan_datasets.pipeline import _resize
+from vqgan_datasets.pipeline.images import load_image
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry",
           "hubble_deep_field", "retina", "camera")

@@ -1,7 +1,7 @@
 """Model-only throughput of the f16-16384 VQGAN: ours (Flax/XLA) against taming's PyTorch modules.
 
 One run on whatever backend JAX has (CPU or GPU), random weights shared by both models (taming's
-initialisation, converted with `vqgan_datasets.taming.taming_to_flax`; the codebook re-drawn at the
+initialisation, converted with `vqgan_datasets.models.taming.taming_to_flax`; the codebook re-drawn at the
 scale of the encoder's latents so that tokens spread over it), synthetic photo-like 256x256 images:
 
 - ours: encode (pixels -> latents + codes, quantizer included) and decode (latents -> pixels),
@@ -50,9 +50,9 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from vqgan_datasets.config import VQGANConfig, f16_16384  # noqa: E402
-from vqgan_datasets.modeling import VQGAN, init_params, module_from_config  # noqa: E402
-from vqgan_datasets.taming import taming_to_flax  # noqa: E402
+from vqgan_datasets.models.config import VQGANConfig, f16_16384  # noqa: E402
+from vqgan_datasets.models.modeling import VQGAN, init_params, module_from_config  # noqa: E402
+from vqgan_datasets.models.taming import taming_to_flax  # noqa: E402
 
 # FLOPs per 256x256 image of taming's f16-16384 network (DESIGN.md, "Reference facts").
 FLOPS_PER_IMAGE = {"encode": 140.6e9, "decode": 252.7e9}

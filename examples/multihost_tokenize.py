@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("vqgan_datasets").setLevel(logging.INFO)
 
-    from vqgan_datasets import distributed
+    from vqgan_datasets.jobs import distributed
 
     # First, before anything touches a JAX device.
     distributed.initialize(args.coordinator, args.num_processes, args.process_id,

@@ -1,6 +1,6 @@
 """Train the bundled demo VQGAN (model/demo) on CPU from the photos that pip packages ship.
 
-A small f8 VQGAN of the project's own architecture (`vqgan_datasets.modeling`), trained with
+A small f8 VQGAN of the project's own architecture (`vqgan_datasets.models.modeling`), trained with
 L2 + L1 reconstruction, codebook and commitment losses (straight-through estimator) and dead-code
 re-seeding. No perceptual or adversarial loss: both need downloaded weights or far more compute.
 It is a demo for offline quickstarts and tests, not a tokenizer for real use.
@@ -31,7 +31,7 @@ from PIL import Image
 logger = logging.getLogger("train_demo")
 
 try:  # run as `python model/train_demo.py` from a checkout without `pip install -e .`
-    import vqgan_datasets.modeling  # noqa: F401
+    import vqgan_datasets.models.modeling  # noqa: F401
 except ImportError:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -80,7 +80,7 @@ class Settings:
         return cls(**base)
 
     def model_config(self):
-        from vqgan_datasets.config import VQGANConfig
+        from vqgan_datasets.models.config import VQGANConfig
 
         return VQGANConfig(
             ch=self.ch, ch_mult=self.ch_mult, num_res_blocks=self.num_res_blocks,
@@ -202,7 +202,7 @@ def make_train_step(module, optimizer, settings: Settings):
     import jax.numpy as jnp
     import optax
 
-    from vqgan_datasets.modeling import VQGAN, nearest_codes, to_model_range
+    from vqgan_datasets.models.modeling import VQGAN, nearest_codes, to_model_range
 
     value_range = (-1.0, 1.0)
 
@@ -267,7 +267,7 @@ def train(settings: Settings, photos: Sequence[np.ndarray] | None = None,
     import jax.numpy as jnp
     from tqdm import tqdm
 
-    from vqgan_datasets.modeling import init_params, module_from_config
+    from vqgan_datasets.models.modeling import init_params, module_from_config
 
     config = settings.model_config()
     module = module_from_config(config)
@@ -380,7 +380,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     import jax
 
     jax.config.update("jax_platforms", "cpu")
-    from vqgan_datasets.modeling import VQModel
+    from vqgan_datasets.models.modeling import VQModel
 
     settings = settings_from_args(args)
     named, n_color = training_set(with_sklearn=not args.no_sklearn)
@@ -458,7 +458,7 @@ its tokens mean nothing to any other model. For real work use a real VQGAN such 
 
 ## Architecture
 
-Our Flax VQGAN (`vqgan_datasets.modeling.VQGAN`, taming-transformers' layout), loaded with
+Our Flax VQGAN (`vqgan_datasets.models.modeling.VQGAN`, taming-transformers' layout), loaded with
 `VQModel.from_pretrained("model/demo")`:
 
 | field | value |

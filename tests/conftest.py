@@ -5,7 +5,14 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import sys
 from pathlib import Path
+
+# Tests mirror the package's folders; a few share helpers across folders (test_wds's shard makers,
+# test_taming's state dicts), so every folder is importable by module name.
+for _folder in sorted(Path(__file__).parent.iterdir()):
+    if _folder.is_dir() and not _folder.name.startswith(("_", ".")) and _folder.name != "fixtures":
+        sys.path.insert(0, str(_folder))
 
 # Tests never touch the network or the user's caches.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -15,7 +22,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from vqgan_datasets.config import VQGANConfig  # noqa: E402
+from vqgan_datasets.models.config import VQGANConfig  # noqa: E402
 
 # f4, attention at the downsampled 16×16 level: the smallest config with every module kind.
 TINY = VQGANConfig(
@@ -31,7 +38,7 @@ def tiny_config() -> VQGANConfig:
 
 @pytest.fixture(scope="session")
 def tiny_model(tiny_config):
-    from vqgan_datasets.modeling import VQModel
+    from vqgan_datasets.models.modeling import VQModel
 
     return VQModel(tiny_config, seed=0)
 
@@ -69,7 +76,7 @@ def photos(size: int, count: int = 4) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def model(tiny_model_dir):
-    from vqgan_datasets.modeling import VQModel
+    from vqgan_datasets.models.modeling import VQModel
 
     return VQModel.from_pretrained(str(tiny_model_dir))
 

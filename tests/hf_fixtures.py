@@ -14,8 +14,8 @@ from datasets import Dataset, Features, Image, Value, load_from_disk
 from hf_helpers import SIZE, N, image_rows
 
 from vqgan_datasets.hf import VQGANDetokenizer, VQGANTokenizer
-from vqgan_datasets.images import load_image
-from vqgan_datasets.modeling import VQModel
+from vqgan_datasets.models.modeling import VQModel
+from vqgan_datasets.pipeline.images import load_image
 
 
 @pytest.fixture(scope="module")

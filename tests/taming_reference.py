@@ -12,7 +12,7 @@ import torch
 from taming.modules.diffusionmodules.model import Decoder, Encoder
 from taming.modules.vqvae.quantize import VectorQuantizer2
 
-from vqgan_datasets.config import VQGANConfig
+from vqgan_datasets.models.config import VQGANConfig
 
 
 def ddconfig(config: VQGANConfig) -> dict:

@@ -168,7 +168,7 @@ def test_decode_token_shards_finds_the_model_in_their_records(shard_run, tmp_pat
 
 def test_decode_refuses_a_model_other_than_the_recorded_one(shard_run, tmp_path, tiny_config,
                                                            capsys):
-    from vqgan_datasets.modeling import VQModel
+    from vqgan_datasets.models.modeling import VQModel
 
     _, _, out = shard_run
     other = tmp_path / "other"

@@ -7,9 +7,9 @@ import pickle
 
 import pytest
 
-from vqgan_datasets import checkpoints
 from vqgan_datasets.handle import ModelHandle, parse_value_range
-from vqgan_datasets.modeling import VQModel
+from vqgan_datasets.models import checkpoints
+from vqgan_datasets.models.modeling import VQModel
 
 
 def test_a_path_is_described_without_loading_and_loaded_once(tiny_model, tiny_model_dir):

@@ -11,7 +11,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from vqgan_datasets.modeling import VQModel
+from vqgan_datasets.models.modeling import VQModel
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "model" / "demo"

@@ -1,11 +1,11 @@
 """vqgan-datasets: tokenize image datasets with a Flax/JAX VQGAN on every local device, and back.
 
 The public API, imported lazily so that `import vqgan_datasets` stays cheap (no JAX, no datasets)
-until a name is used. Layers, each importing only the ones below it (tests/test_package.py):
-leaves (forks, storage, tarsamples, claims) → images → config → checkpoints → layers, modeling
-→ taming, metadata → batches, workerproc, workers, engine_settings, engine → options, handle,
-streams (shared by every adapter) → hf_*, hf, stages (the adapters) → convert, manifest,
-shards, ray, distributed (jobs) → wds (the webdataset namespace) → inputs, jobs → cli.
+until a name is used. Folders in the order data flows, each importing only the ones before it (tests/test_package.py):
+storage, tarsamples (files and tar members) → models/ (configs, Flax layers, checkpoints, the
+VQModel) → pipeline/ (images, worker processes, the engine) → metadata, options, handle,
+streams (shared by every adapter) → hf/, wds/ (the adapters) → report/ → jobs/ (claims,
+manifests, shard conversion, Ray, multi-host, the CLI's commands) → cli.
 """
 
 from __future__ import annotations
@@ -17,24 +17,24 @@ __version__ = "0.1.0"
 
 # Registered at import, before any fork: a DataLoader/WebLoader worker forked after JAX started
 # in the parent must fail at once instead of hanging (forks.py is standard library only).
-from . import forks as _forks  # noqa: E402, F401
+from .pipeline import forks as _forks  # noqa: E402, F401
 
 _EXPORTS = {
-    "VQGANConfig": "config",
-    "VQModel": "modeling",
-    "convert_taming_checkpoint": "taming",
-    "load_image": "images",
-    "ImageDecodeError": "images",
-    "Engine": "engine",
-    "encode_iter": "engine",
-    "decode_iter": "engine",
+    "VQGANConfig": "models.config",
+    "VQModel": "models.modeling",
+    "convert_taming_checkpoint": "models.taming",
+    "load_image": "pipeline.images",
+    "ImageDecodeError": "pipeline.images",
+    "Engine": "pipeline.engine",
+    "encode_iter": "pipeline.engine",
+    "decode_iter": "pipeline.engine",
     "VQGANTokenizer": "hf",
     "VQGANDetokenizer": "hf",
     "vqgan_tokenize": "hf",
     "vqgan_detokenize": "hf",
     "EncodeOptions": "options",
     "ModelHandle": "handle",
-    "tokenize_shards": "shards",
+    "tokenize_shards": "jobs.shards",
 }
 
 __all__ = [
@@ -57,15 +57,15 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from .config import VQGANConfig
-    from .engine import Engine, decode_iter, encode_iter
     from .handle import ModelHandle
     from .hf import VQGANDetokenizer, VQGANTokenizer, vqgan_detokenize, vqgan_tokenize
-    from .images import ImageDecodeError, load_image
-    from .modeling import VQModel
+    from .jobs.shards import tokenize_shards
+    from .models.config import VQGANConfig
+    from .models.modeling import VQModel
+    from .models.taming import convert_taming_checkpoint
     from .options import EncodeOptions
-    from .shards import tokenize_shards
-    from .taming import convert_taming_checkpoint
+    from .pipeline.engine import Engine, decode_iter, encode_iter
+    from .pipeline.images import ImageDecodeError, load_image
 
 
 def __getattr__(name: str) -> Any:

@@ -198,7 +198,7 @@ def _encode_options(args: argparse.Namespace):
 
 
 def _run(args: argparse.Namespace) -> Any:
-    from . import jobs
+    from .jobs import commands as jobs
 
     progress = not args.quiet
     if args.command == "demo":

@@ -31,10 +31,10 @@ from typing import Any
 
 import numpy as np
 
-from . import checkpoints
-from .config import VQGANConfig
 from .metadata import TokenizerSpec
-from .modeling import VQModel
+from .models import checkpoints
+from .models.config import VQGANConfig
+from .models.modeling import VQModel
 
 __all__ = ["COMPUTE_DTYPES", "ModelHandle", "parse_value_range"]
 

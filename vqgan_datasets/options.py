@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from .images import ImageDecodeError
+from .pipeline.images import ImageDecodeError
 
 __all__ = [
     "ON_ERROR",

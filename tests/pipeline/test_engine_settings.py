@@ -1,0 +1,61 @@
+"""The engine's settings: bucket sizes, the per-device batch by backend and memory, and the
+argument checks, without building an engine (fake devices stand in for GPUs and TPUs)."""
+
+from __future__ import annotations
+
+import jax
+import pytest
+
+from vqgan_datasets.models.config import VQGANConfig
+from vqgan_datasets.pipeline import engine_settings
+from vqgan_datasets.pipeline.workers import default_workers
+
+F16 = VQGANConfig(ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, attn_resolutions=(16,),
+                  resolution=256, z_channels=256, embed_dim=256, n_embed=16384)
+
+
+class _FakeDevice:
+    def __init__(self, platform: str, memory: int | None):
+        self.platform, self._memory = platform, memory
+
+    def memory_stats(self):
+        return None if self._memory is None else {"bytes_limit": self._memory}
+
+
+def test_buckets():
+    assert engine_settings.bucket_sizes(1, 8) == (8,)
+    assert engine_settings.bucket_sizes(3, 8) == (8, 16, 24)
+    assert engine_settings.bucket_sizes(64, 1) == (1, 2, 4, 8, 16, 32, 64)
+    assert engine_settings.bucket_sizes(5, 2) == (2, 4, 8, 10)
+
+
+def test_default_batch_size_by_backend_and_memory():
+    default = engine_settings.default_batch_size
+    assert default([_FakeDevice("cpu", None)], F16) == 8
+    assert default([_FakeDevice("gpu", 141 * 2**30)], F16) == 128  # H200
+    assert default([_FakeDevice("gpu", 16 * 2**30)], F16) == 64
+    assert default([_FakeDevice("gpu", 4 * 2**30)], F16) == 16
+    assert default([_FakeDevice("tpu", None)], F16) == 128  # memory unknown
+
+
+def test_resolve_settings_fills_defaults_and_checks():
+    defaults = {"batch_size": None, "devices": None, "num_threads": None, "prefetch": 2,
+                "workers": None, "sample_timeout_s": 60}
+    resolved = engine_settings.resolve_settings(F16, **defaults)
+    assert resolved["devices"] == tuple(jax.local_devices())
+    assert resolved["batch_size"] == 8 and resolved["workers"] == default_workers()
+    assert resolved["sample_timeout_s"] == 60.0 and resolved["prefetch"] == 2
+    for change, error, match in (
+        ({"prefetch": -1}, ValueError, "prefetch must be >= 0"),
+        ({"batch_size": True}, TypeError, "batch_size must be an int, got bool"),
+        ({"devices": [jax.local_devices()[0]] * 2}, ValueError, "devices lists a device twice"),
+    ):
+        with pytest.raises(error, match=match):
+            engine_settings.resolve_settings(F16, **{**defaults, **change})
+
+
+def test_default_batch_size_never_exceeds_what_memory_holds():
+    # Half of 1 GiB holds 5 f16 images at 256²: the default must not start at 8 regardless.
+    default = engine_settings.default_batch_size
+    assert default([_FakeDevice("gpu", 2**30)], F16) == 4
+    assert default([_FakeDevice("gpu", 2**28)], F16) == 1  # not even one fits: the least

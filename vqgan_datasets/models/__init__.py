@@ -1,0 +1,1 @@
+"""The tokenizer models: configs, Flax building blocks, checkpoints and conversion, `VQModel`."""

@@ -1,0 +1,1 @@
+"""Reconstruction quality of a token dataset: metrics, pictures and the HTML report."""
