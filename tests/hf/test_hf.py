@@ -1,5 +1,5 @@
-"""hf.py, the public face: the README's names, the ready instances (which resolve nothing until
-used), and the layering of the hf_* modules (no import circles, no private names shared)."""
+"""hf/__init__.py, the public face: the README's names, the ready instances (which resolve nothing
+until used), and the layering of the hf/ modules (no import circles, no private names shared)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from pathlib import Path
 import vqgan_datasets
 from vqgan_datasets import hf
 
-PACKAGE = Path(vqgan_datasets.__file__).parent
+PACKAGE = Path(vqgan_datasets.__file__).parent / "hf"
 # Low → high: each module may import only the ones before it.
-LAYERS = ["hf_arrow", "hf_hub", "hf_model", "hf_tokenize", "hf_detokenize", "hf"]
+LAYERS = ["arrow", "hub", "model", "tokenize", "detokenize", "__init__"]
 
 
 def test_readme_names_keep_working():

@@ -42,8 +42,8 @@ __all__ = ["DATASET_FILES", "DEMO_IMAGES", "DEMO_MODEL", "IMAGE_SUFFIXES", "MAX_
 
 logger = logging.getLogger(__name__)
 
-DEMO_MODEL = Path(__file__).resolve().parents[1] / "model" / "demo"
-DEMO_IMAGES = Path(__file__).resolve().parents[1] / "examples" / "images"
+DEMO_MODEL = Path(__file__).resolve().parents[2] / "model" / "demo"
+DEMO_IMAGES = Path(__file__).resolve().parents[2] / "examples" / "images"
 
 
 def encode(
