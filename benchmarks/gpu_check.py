@@ -1,4 +1,4 @@
-"""The short GPU check (under 4 minutes on one H100/H200): ours against the seed's Flax modules.
+"""The short GPU check (under 4 minutes on one H100/H200): ours against vqgan-jax and taming.
 
 Rows are printed as soon as each is measured, most important first:
 
@@ -9,7 +9,8 @@ Rows are printed as soon as each is measured, most important first:
 - token agreement on the batch-128 images: ours float32 "highest" against taming fp32 (TF32
   off), and every other row against ours "highest";
 - with `--e2e`: JPEG bytes to tokens end to end (our Engine, exact and fast preprocessing; a
-  `datasets` map; a seed-style torch DataLoader + pmap script with 4 and 15 workers).
+  `datasets` map; the flax-community/vqgan_f16_16384 model card's torch DataLoader + pmap
+  script, rewritten here, with 4 and 15 workers).
 
 Random weights (taming's initialisation when torch and taming import, else ours; one seed) are
 shared by every implementation; the codebook is redrawn at the scale of the encoder's latents so
@@ -373,7 +374,7 @@ def e2e_rows(args, config, params) -> None:
         p_encode = jax.pmap(lambda b: model.encode(b)[1])
         for workers in args.e2e_loader_workers:
             run = functools.partial(seed_style, p_encode, size, workers, args.batches[0])
-            e2e_row(f"seed-style torch DataLoader(num_workers={workers}) + pmap, uint8 as the seed",
+            e2e_row(f"model-card script: torch DataLoader(num_workers={workers}) + pmap, uint8",
                     len(paths), lambda run=run: run(paths), lambda run=run: run(paths[:2 * args.batches[0]]))
     if tokens.get("exact") is not None:
         for other in ("fast", "map"):
@@ -429,9 +430,9 @@ def _raise(error: Exception) -> None:
 
 
 def seed_style(p_encode, size: int, workers: int, batch_size: int, paths: list[str]) -> int:
-    """The seed's HowTo pipeline (written anew): a torch Dataset of paths, PIL loading, LANCZOS
-    resize of the short side and a centre crop with torchvision, a DataLoader, pmap(encode) on
-    uint8 pixels (unscaled, as the seed), tokens formatted as text lines."""
+    """The model card's pmap HowTo pipeline (written anew): a torch Dataset of paths, PIL
+    loading, LANCZOS resize of the short side and a centre crop with torchvision, a DataLoader,
+    pmap(encode) on uint8 pixels (unscaled, as the HowTo), tokens formatted as text lines."""
     import torchvision.transforms.functional as TF
     from PIL import Image
     from torch.utils.data import DataLoader, Dataset
@@ -454,7 +455,7 @@ def seed_style(p_encode, size: int, workers: int, batch_size: int, paths: list[s
                         timeout=300 if workers else 0, drop_last=True)
     lines = 0
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # our uint8 warning: the seed's script scales nothing
+        warnings.simplefilter("ignore")  # our uint8 warning: the HowTo scales nothing
         group = []
         for batch in loader:
             group.append(batch.numpy())

@@ -1,6 +1,6 @@
 """The datasets one-liner against `apply`, on an `Image()` column of JPEGs: what eager decoding costs.
 
-    python benchmarks/hf_oneliner.py [--rows 200] [--repeats 3] [--model model/demo]
+    python benchmarks/hf_oneliner.py [--rows 200] [--repeats 3] [--model vqgan_datasets/_demo/model]
 
 Builds an on-disk dataset of `--rows` JPEGs (quality 90) cut from scikit-image's photos and
 resized to a long side of 400-1100 px, then times, in one process after a warm-up that loads and
@@ -63,7 +63,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--model", default=str(REPO / "model" / "demo"),
+    parser.add_argument("--model", default=str(REPO / "vqgan_datasets" / "_demo" / "model"),
                         help='a model directory, or "tiny": a random f16 model small enough that '
                              "the host, not the encoder, sets the pace (as on a GPU host)")
     parser.add_argument("--batch-size", type=int, default=None, help="per device")
