@@ -23,6 +23,7 @@ _EXPORTS = {
     "VQGANConfig": "models.config",
     "VQModel": "models.modeling",
     "convert_taming_checkpoint": "models.taming",
+    "convert_checkpoint": "models.conversion",
     "load_image": "pipeline.images",
     "ImageDecodeError": "pipeline.images",
     "Engine": "pipeline.engine",
@@ -47,6 +48,7 @@ __all__ = [
     "VQGANTokenizer",
     "VQModel",
     "__version__",
+    "convert_checkpoint",
     "convert_taming_checkpoint",
     "decode_iter",
     "encode_iter",
@@ -61,6 +63,7 @@ if TYPE_CHECKING:
     from .hf import VQGANDetokenizer, VQGANTokenizer, vqgan_detokenize, vqgan_tokenize
     from .jobs.shards import tokenize_shards
     from .models.config import VQGANConfig
+    from .models.conversion import convert_checkpoint
     from .models.modeling import VQModel
     from .models.taming import convert_taming_checkpoint
     from .options import EncodeOptions

@@ -34,7 +34,7 @@ import numpy as np
 from .metadata import TokenizerSpec
 from .models import checkpoints
 from .models.config import VQGANConfig
-from .models.modeling import VQModel
+from .models.modeling import VQModel, locate_pretrained
 
 __all__ = ["COMPUTE_DTYPES", "ModelHandle", "parse_value_range"]
 
@@ -188,12 +188,11 @@ class ModelHandle:
                 self._seen = model.params
                 self._described = (model.config, model.weights_digest, self.revision)
             elif self._described is None:
-                directory, commit = checkpoints.resolve(self.ref, revision=self.revision)
-                config = checkpoints.load_config(directory, name=self.ref)
+                directory, source = locate_pretrained(self.ref, revision=self.revision)
+                config = checkpoints.load_config(directory, name=source.name)
                 if self.value_range is not None:
                     config = config.replace(value_range=self.value_range)
-                digest = checkpoints.file_digest(checkpoints.weights_file(directory))
-                self._described = (config, digest, commit)
+                self._described = (config, source.weights_digest, source.revision)
         return self._described
 
     def _follow(self) -> None:

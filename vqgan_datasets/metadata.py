@@ -17,24 +17,39 @@ from . import __version__
 # Bump when the meaning of tokens written by this library changes (layout, preprocessing).
 FORMAT_VERSION = 1
 PREPROCESSING = "rgb(alpha over white, exif) > resize shortest side LANCZOS > center crop"
-# The recorded preprocessing per mode. "exact" is the full decode, recorded as the old
-# draft=False runs were (the same pixels, so their outputs stay valid); "fast" decodes JPEGs at
-# a reduced DCT scale first. Records of the old drafted default say PREPROCESSING alone.
+_RGB = "rgb(alpha over white, exif)"
+# The recorded preprocessing, by name (the families' own, and "fast", which decodes JPEGs at a
+# reduced DCT scale first). The name leads the record, so the fingerprint carries it.
 PREPROCESS_RECORDS = {
-    "exact": f"{PREPROCESSING}; full JPEG decode (no draft)",
-    "fast": f"{PREPROCESSING}; fast: DCT-scaled JPEG decode, antialiased resize",
+    "lanczos_center_crop": f"lanczos_center_crop: {PREPROCESSING}; full JPEG decode",
+    "adm_center_crop": f"adm_center_crop: {_RGB} > BOX halving while the shortest side >= 2x "
+    "the size > BICUBIC shortest side > center crop at floor offsets; full JPEG decode",
+    "opencv_linear_center_crop": f"opencv_linear_center_crop: {_RGB} > OpenCV INTER_LINEAR "
+    "shortest side > center crop at floor offsets; full JPEG decode",
+    "torchvision_bilinear_center_crop": f"torchvision_bilinear_center_crop: {_RGB} > shortest "
+    "side, the other truncated, PIL BILINEAR > center crop; full JPEG decode",
+    "fast": f"fast: {PREPROCESSING}; DCT-scaled JPEG decode, antialiased resize",
+}
+# Records of earlier versions: the exact mode (draft=False) and the fast mode. Records of the
+# old drafted default say PREPROCESSING alone, which no mode reproduces.
+_EARLIER_RECORDS = {
+    f"{PREPROCESSING}; full JPEG decode (no draft)": "lanczos_center_crop",
+    f"{PREPROCESSING}; fast: DCT-scaled JPEG decode, antialiased resize": "fast",
 }
 
 
-def preprocessing(preprocess: str = "exact", *, draft: bool | None = None) -> str:
-    """The recorded preprocessing of a mode ("exact" or "fast"); `draft` is deprecated and
-    ignored (drafting is preprocess="fast"), also when passed in its old place."""
+def preprocessing(preprocess: str = "exact", *, family_default: str = "lanczos_center_crop",
+                  draft: bool | None = None) -> str:
+    """The recorded preprocessing: "exact" is the family's own (`family_default`, a model
+    config's `preprocess`), "fast" or a name is itself. `draft` is deprecated and ignored
+    (drafting is preprocess="fast"), also when passed in its old place."""
     if isinstance(preprocess, bool):  # the old positional `draft`
         preprocess = "exact"
-    if preprocess not in PREPROCESS_RECORDS:
-        raise ValueError(f"preprocess must be one of {tuple(PREPROCESS_RECORDS)}, "
+    name = family_default if preprocess == "exact" else preprocess
+    if name not in PREPROCESS_RECORDS:
+        raise ValueError(f"preprocess must be one of {('exact', *PREPROCESS_RECORDS)}, "
                          f"got {preprocess!r}")
-    return PREPROCESS_RECORDS[preprocess]
+    return PREPROCESS_RECORDS[name]
 
 
 METADATA_KEY = "vqgan_datasets"  # key in Arrow schema metadata / dataset card / shard stats
@@ -76,7 +91,7 @@ class TokenizerSpec:
             token_dtype=config.token_dtype,
             value_range=tuple(config.value_range),
             compute_dtype=compute_dtype,
-            preprocessing=preprocessing(preprocess),
+            preprocessing=preprocessing(preprocess, family_default=config.preprocess),
         )
 
     @classmethod
@@ -90,12 +105,19 @@ class TokenizerSpec:
 
     @property
     def preprocess(self) -> str | None:
-        """"exact" or "fast" for records this version writes; None for older records (the
-        drafted default of earlier versions), whose pixels neither mode reproduces."""
-        for mode, record in PREPROCESS_RECORDS.items():
+        """The preprocessing by name ("lanczos_center_crop", "adm_center_crop", ..., "fast"),
+        the mode to pass to encode the same way again; None for the drafted default of earlier
+        versions, whose pixels no mode reproduces."""
+        for name, record in PREPROCESS_RECORDS.items():
             if self.preprocessing == record:
-                return mode
-        return None
+                return name
+        return _EARLIER_RECORDS.get(self.preprocessing)
+
+    @property
+    def family(self) -> str:
+        """The tokenizer family of the model that made the tokens (records before families
+        existed are taming's)."""
+        return str(self.config.get("family", "taming"))
 
     @property
     def sequence_length(self) -> int:
@@ -140,6 +162,8 @@ class TokenizerSpec:
                 f"weights differ ({self.model_name or '?'} {self.weights_digest[:23]} vs "
                 f"{other.model_name or '?'} {other.weights_digest[:23]})"
             )
+        if self.family != other.family:
+            reasons.append(f"tokenizer family {self.family} vs {other.family}")
         if self.codebook_size != other.codebook_size:
             reasons.append(f"codebook size {self.codebook_size} vs {other.codebook_size}")
         if tuple(self.value_range) != tuple(other.value_range):

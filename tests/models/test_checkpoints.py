@@ -134,6 +134,80 @@ def test_loads_by_repo_id_from_offline_hub_cache(tiny_model_dir, tmp_path):
     assert "pass a local model directory" in error
 
 
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_unreachable_hub_fails_fast_with_one_message(tiny_model_dir, tmp_path):
+    """No HF_HUB_OFFLINE, the Hub endpoint a closed local port: a cached model still loads, a
+    missing one fails at once with one message and no retries (huggingface_hub alone retries
+    for about half a minute per file)."""
+    _hub_cache(tmp_path / "hf" / "hub", "test-org/tiny-vqgan", tiny_model_dir)
+    script = (
+        "import logging, time\n"
+        "logging.basicConfig()\n"
+        "from vqgan_datasets import VQModel\n"
+        "print(VQModel.from_pretrained('test-org/tiny-vqgan').revision)\n"
+        "start = time.perf_counter()\n"
+        "try:\n"
+        "    VQModel.from_pretrained('test-org/not-cached')\n"
+        "except Exception as e:\n"
+        "    print('ERR', type(e).__name__, e)\n"
+        "print(time.perf_counter() - start)\n"
+    )
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"),
+           "HF_ENDPOINT": f"http://127.0.0.1:{_closed_port()}"}
+    for name in ("HF_HUB_CACHE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        env.pop(name, None)
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    revision, error, seconds = out.stdout.strip().splitlines()[-3:]
+    assert revision == "a" * 40
+    assert error.startswith("ERR CheckpointError") and "test-org/not-cached" in error
+    assert "not in the local Hugging Face cache" in error and "Connection refused" in error
+    assert float(seconds) < 5
+    assert "Retry" not in out.stderr and "WARNING" not in out.stderr, out.stderr
+
+
+def test_a_hub_that_never_answers_is_given_up_on_quickly(tmp_path, monkeypatch):
+    """A server that accepts the connection and says nothing (a black-holed proxy)."""
+    import socket
+
+    from huggingface_hub import constants
+
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(8)
+        endpoint = f"http://127.0.0.1:{server.getsockname()[1]}"
+        monkeypatch.setattr(constants, "ENDPOINT", endpoint)  # as HF_ENDPOINT sets at import
+        monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE",
+                            endpoint + "/{repo_id}/resolve/{revision}/{filename}")
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        start = time.perf_counter()
+        with pytest.raises(CheckpointError, match="not in the local Hugging Face cache") as info:
+            checkpoints.resolve("test-org/not-cached", cache_dir=tmp_path)
+        assert time.perf_counter() - start < 5
+    assert "after 3 s" in str(info.value) and str(tmp_path) in str(info.value)
+
+
+@pytest.mark.parametrize("name", ["/nonexistent", "./missing", "../missing", "~/missing/model",
+                                  "a/b/c", "models\\demo", "C:/models/x", "missing/"])
+def test_a_missing_path_is_no_such_directory_not_a_hub_lookup(name):
+    with pytest.raises(CheckpointError, match="no such directory") as info:
+        checkpoints.resolve(name)
+    assert repr(name) in str(info.value)
+
+
+def test_a_file_is_not_a_model_directory(tiny_model_dir):
+    with pytest.raises(CheckpointError, match="is a file, not a model directory"):
+        checkpoints.resolve(tiny_model_dir / "config.json")
+
+
 def test_file_digest_hashes_local_files_once(tiny_model_dir):
     file = tiny_model_dir / "model.safetensors"
     first = checkpoints.file_digest(file)
@@ -254,12 +328,30 @@ def test_known_checkpoint_gets_its_recorded_value_range(tmp_path):
     assert checkpoints.load_config(tmp_path, "anything").value_range == (0.0, 1.0)
 
 
-def test_checkpoints_sits_below_modeling():
-    """checkpoints imports no package module but config and storage, not even inside a function:
-    modeling imports it, so anything more could close a circle."""
-    import ast
+def test_a_missing_value_range_is_warned_once_per_file(tmp_path, caplog):
+    config = TINY.to_dict()
+    del config["value_range"]
+    for sub in ("a", "b"):
+        (tmp_path / sub).mkdir()
+        (tmp_path / sub / "config.json").write_text(json.dumps(config))
+    with caplog.at_level("WARNING", logger=checkpoints.__name__):
+        for _ in range(3):
+            for sub in ("a", "b"):
+                assert checkpoints.load_config(tmp_path / sub).value_range == (-1.0, 1.0)
+    warned = [r.getMessage() for r in caplog.records if "has no value_range" in r.getMessage()]
+    assert len(warned) == 2 and str(tmp_path / "a") in warned[0]
 
-    tree = ast.parse(Path(checkpoints.__file__).read_text())
+
+@pytest.mark.parametrize("module,allowed", [("checkpoints", {"config", "params", "storage"}),
+                                            ("params", {"config"})])
+def test_checkpoints_sits_below_modeling(module, allowed):
+    """checkpoints imports no package module but config, params and storage (params only config),
+    not even inside a function: modeling imports it, so anything more could close a circle."""
+    import ast
+    import importlib
+
+    file = importlib.import_module(f"vqgan_datasets.models.{module}").__file__
+    tree = ast.parse(Path(file).read_text())
     imported = {node.module for node in ast.walk(tree)
                 if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module}
     imported |= {alias.name for node in ast.walk(tree)
@@ -267,7 +359,7 @@ def test_checkpoints_sits_below_modeling():
                  for alias in node.names}
     imported |= {alias.name.split(".")[1] for node in ast.walk(tree) if isinstance(node, ast.Import)
                  for alias in node.names if alias.name.startswith("vqgan_datasets.")}
-    assert imported == {"config", "storage"}
+    assert imported <= allowed
 
 
 def test_check_params_takes_shape_trees_or_flat_tables(tiny_model):

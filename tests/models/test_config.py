@@ -123,3 +123,50 @@ def test_from_json_file_errors_name_the_file(tmp_path):
         VQGANConfig.from_json_file(file)
     file.write_text(TINY.to_json_string())
     assert VQGANConfig.from_json_file(file) == TINY
+
+
+# Every field bounded: a config.json alone can never make loading run for minutes or ask for
+# terabytes (each refused in well under a second, naming the field).
+TOO_BIG = [
+    ({"num_res_blocks": 1000}, "num_res_blocks: expected an integer <= 64, got 1,000"),
+    ({"num_res_blocks": 1_000_000}, "num_res_blocks: expected an integer <= 64"),
+    ({"ch": 1_000_000}, "ch: expected an integer <= 16,384"),
+    ({"resolution": 2**20}, "resolution: expected an integer <= 65,536"),
+    ({"n_embed": 2**31}, "n_embed: expected an integer <= 2,147,483,647, got 2,147,483,648"),
+    ({"z_channels": 10**9}, "z_channels: expected an integer <= 16,384"),
+    ({"embed_dim": 10**9}, "embed_dim: expected an integer <= 16,384"),
+    ({"in_channels": 10**6}, "in_channels: expected an integer <= 64"),
+    ({"out_ch": 10**6}, "out_ch: expected an integer <= 64"),
+    ({"norm_groups": 10**6}, "norm_groups: expected an integer <= 16,384"),
+    ({"ch_mult": [1] * 1_000_000}, "ch_mult: expected at most 16 entries, got 1,000,000"),
+    ({"ch_mult": [1, 10**6]}, "ch_mult[1]: expected an integer <= 16,384"),
+    ({"attn_resolutions": [16] * 1000}, "attn_resolutions: expected at most 64 entries"),
+    ({"attn_resolutions": [2**40]}, "attn_resolutions[0]: expected an integer <= 65,536"),
+    ({"ch": 4096, "ch_mult": [1, 8]}, "the widest level has ch*ch_mult = 32,768 channels"),
+    ({"ch": 2048, "ch_mult": [1, 2, 4, 8], "num_res_blocks": 64, "norm_groups": 32},
+     "has at least 410,706,248,704 parameters, expected at most 4,294,967,296"),
+    ({"n_embed": 2**31 - 1, "embed_dim": 256}, "parameters, expected at most 4,294,967,296"),
+]
+
+
+@pytest.mark.parametrize("change,text", TOO_BIG, ids=[
+    "-".join(f"{k}={str(v)[:12]}" for k, v in c.items()) for c, _ in TOO_BIG])
+def test_every_field_is_bounded_and_refused_at_once(tmp_path, change, text):
+    import time
+
+    (tmp_path / "config.json").write_text(json.dumps({**TINY.to_dict(), **change}))
+    start = time.perf_counter()
+    with pytest.raises(CheckpointError) as info:
+        checkpoints.load_config(tmp_path)
+    assert time.perf_counter() - start < 1.0
+    message = str(info.value)
+    assert message.startswith(f"{tmp_path / 'config.json'}: invalid VQGANConfig: ")
+    assert text in message
+
+
+def test_published_sizes_are_within_the_bounds():
+    # taming f16-16384 (ch 128, 2 res blocks), IBQ's 262,144 codes with 4 res blocks, an f8
+    # 512-wide config at 1024 px: all well inside every bound.
+    VQGANConfig()
+    VQGANConfig(num_res_blocks=4, n_embed=262_144, embed_dim=256)
+    VQGANConfig(ch=128, ch_mult=(1, 2, 2, 4), resolution=1024, n_embed=2**18, embed_dim=256)

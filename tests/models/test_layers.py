@@ -4,19 +4,14 @@ branch's numerics on CPU against float64 references."""
 from __future__ import annotations
 
 import functools
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import TINY, photos
+from conftest import TINY
 
 from vqgan_datasets.models import layers, modeling
-from vqgan_datasets.models.layers import nearest_codes
-from vqgan_datasets.models.modeling import VQModel
-
-DEMO = Path(__file__).resolve().parents[2] / "model" / "demo"
 
 
 def test_each_platform_lowers_to_its_own_formulation():
@@ -79,74 +74,3 @@ def test_upsample_branches_match_float64(branch):
         got = jax.jit(functools.partial(branch, dtype=dtype))(x, kernel, bias)
         assert got.dtype == dtype and got.shape == (2, 16, 16, 32)
         assert np.abs(np.asarray(got, np.float32) - expected).max() < tolerance
-
-
-def _argmin_f64(z, codebook):
-    z, codebook = z.astype(np.float64), codebook.astype(np.float64)
-    return ((z[:, None, :] - codebook[None]) ** 2).sum(-1).argmin(1)
-
-
-def _near_ties(rng, size=1024, dim=32, pairs=64):
-    """A codebook whose first 2*pairs rows are pairs closer than bfloat16 resolves (|b - a| =
-    2^-8 |a|), and latents between each pair at 0.2-0.4 of the way out from the midpoint: the
-    distances differ by >= 50 float32 ulps, below what a bfloat16 matmul resolves."""
-    codebook = rng.normal(size=(size, dim)) / np.sqrt(dim)
-    a = codebook[: 2 * pairs : 2]
-    u = rng.normal(size=(pairs, dim))
-    u /= np.linalg.norm(u, axis=1, keepdims=True)
-    delta = 2.0**-8 * np.linalg.norm(a, axis=1, keepdims=True)
-    codebook[1 : 2 * pairs : 2] = a + delta * u
-    latents = []
-    for s in (-0.4, -0.2, 0.2, 0.4):
-        noise = rng.normal(size=(pairs, dim)) * 0.05 / np.sqrt(dim)
-        noise -= (noise * u).sum(1, keepdims=True) * u  # orthogonal: leaves the gap alone
-        latents.append(a + (0.5 + s) * delta * u + noise)
-    return codebook.astype(np.float32), np.concatenate(latents).astype(np.float32)
-
-
-@pytest.fixture(scope="module")
-def held_out_latents():
-    """(latents, codebook): the trained demo model's latents of real photos, its codebook."""
-    demo = VQModel.from_pretrained(str(DEMO))
-    pixels = photos(128, 4).astype(np.float32) / 127.5 - 1.0
-    latents = demo.module.apply({"params": demo.params}, pixels, method=modeling.VQGAN.encode_latents)
-    codebook = demo.params["quantize"]["embedding"]["embedding"]
-    return np.asarray(latents).reshape(-1, demo.config.embed_dim), np.asarray(codebook)
-
-
-@pytest.mark.parametrize("branch", [layers.nearest_codes_exact, layers.nearest_codes_rescored])
-def test_nearest_codes_branches_equal_float64_argmin(branch, held_out_latents):
-    rng = np.random.default_rng(2)
-    codebook, tied = _near_ties(rng)
-    far = (rng.normal(size=(1000, 32)) / np.sqrt(32)).astype(np.float32)  # many similar distances
-    cases = {"near ties": (tied, codebook), "far from all codes": (far, codebook),
-             "demo model, real photos": held_out_latents}
-    fast_pass_misses = {}
-    for name, (z, e) in cases.items():
-        expected = _argmin_f64(z, e)
-        got = np.asarray(jax.jit(branch)(z, e))
-        assert got.dtype == np.int32
-        assert np.array_equal(got, expected), (name, int((got != expected).sum()))
-        bf16_argmin = np.asarray(layers.nearest_codes_rescored(z, e, candidates=1))
-        fast_pass_misses[name] = float((bf16_argmin != expected).mean())
-    # The cases are sharp: a bfloat16 matmul alone picks the wrong code for many of them.
-    assert fast_pass_misses["near ties"] > 0.2, fast_pass_misses
-    assert fast_pass_misses["demo model, real photos"] > 0.005, fast_pass_misses
-
-
-@pytest.mark.parametrize("branch", [layers.nearest_codes_exact, layers.nearest_codes_rescored])
-def test_nearest_codes_ties_go_to_the_lowest_index(branch):
-    rng = np.random.default_rng(3)
-    codebook = rng.normal(size=(40, 8)).astype(np.float32)
-    codebook[[9, 30]] = codebook[5]  # duplicated codes
-    z = codebook[[5, 5, 7]] + np.float32(1e-3)
-    assert np.asarray(branch(z, codebook)).tolist() == [5, 5, 7]
-
-
-def test_nearest_codes_is_argmin_of_euclidean_distance():
-    rng = np.random.default_rng(0)
-    z = rng.normal(size=(50, 8)).astype(np.float32)
-    codebook = rng.normal(size=(30, 8)).astype(np.float32)
-    brute = np.argmin(((z[:, None, :] - codebook[None]) ** 2).sum(-1), axis=1)
-    assert np.array_equal(np.asarray(nearest_codes(jnp.asarray(z), jnp.asarray(codebook))), brute)
-    assert modeling.nearest_codes is nearest_codes  # still importable from modeling

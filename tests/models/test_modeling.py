@@ -139,7 +139,7 @@ def test_inferred_config_matches(parity_pair, tmp_path, taming):
 @pytest.fixture
 def accelerator_formulation(monkeypatch):
     """Every per-backend choice takes its GPU/TPU branch, here on CPU (for new traces only)."""
-    monkeypatch.setattr(layers, "_per_backend", lambda cpu, accelerator, *args: accelerator(*args))
+    monkeypatch.setattr(layers, "per_backend", lambda cpu, accelerator, *args: accelerator(*args))
 
 
 @pytest.mark.parametrize("parity_pair", ["attn-downsampled"], indirect=True)  # every module kind

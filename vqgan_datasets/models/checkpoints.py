@@ -4,9 +4,10 @@ used in dataset fingerprints.
 On-disk layout (vqgan-jax's, plus safetensors): `config.json`, `flax_model.msgpack` (the bare
 parameter tree) and/or `model.safetensors` (the same tree flattened with "." separators).
 
-The file layer below `modeling`: it imports only `config` and `storage`, so the parameter
-shapes a file must have are passed in (`modeling.param_shapes(config)`). taming .ckpt
-conversion, which needs the model, lives in `taming`.
+The file layer below `modeling`: it imports only `config`, `params` (tree helpers and the
+checks a file must pass) and `storage`, so the parameter shapes a file must have are passed in
+(`modeling.param_shapes(config)`, built only once the cheap checks passed). Converting the
+published checkpoints of each family, which needs the model, lives in `conversion`.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,14 @@ import numpy as np
 
 from .. import storage
 from .config import VQGANConfig
+from .params import (  # re-exported: callers name them checkpoints.X
+    CheckpointError,
+    check_fits,
+    check_params,
+    flatten,
+    float_tensor,
+    unflatten,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -41,10 +50,6 @@ KNOWN_VALUE_RANGES: dict[str, tuple[float, float]] = {
     "dalle-mini/vqgan_imagenet_f16_16384": (-1.0, 1.0),
     "boris/vqgan_f16_16384": (-1.0, 1.0),
 }
-
-
-class CheckpointError(ValueError):
-    """A checkpoint could not be found, read, or does not match its config."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,12 +83,46 @@ def resolve(
     if path.is_dir():
         return path, None
     name = os.fspath(name_or_path)
-    if path.suffix in (".ckpt", ".pt", ".pth") or os.sep in name.strip("/").replace("/", "", 1):
+    if path.suffix in (".ckpt", ".pt", ".pth"):
         raise CheckpointError(
             f"{name!r} is neither a model directory nor a Hub repo id; for a taming .ckpt file, "
             "run vqgan_datasets.convert_taming_checkpoint(...) (CLI: vqgan-datasets convert) first"
         )
+    if path.exists():
+        raise CheckpointError(
+            f"{name!r} is a file, not a model directory ({CONFIG_NAME} and {SAFETENSORS_NAME} or "
+            f"{MSGPACK_NAME})"
+        )
+    if _path_like(name):
+        raise CheckpointError(f"{name!r}: no such directory (nor a Hub repo id: NAME or ORG/NAME)")
     return _download(name, revision, cache_dir, token, local_files_only)
+
+
+def _path_like(name: str) -> bool:
+    """A name that no Hub repo id can be (absolute or ./ ../ ~ paths, Windows paths, more than
+    one '/'), so that a missing directory is not looked up on the Hub."""
+    return (name.startswith(("/", ".", "~")) or "\\" in name or name.count("/") > 1
+            or name.endswith("/") or name[1:2] == ":")
+
+
+# One bare HEAD request (no retries, no other request first) decides whether the Hub answers
+# at all: without network a model missing from the cache then fails at once, not after a minute
+# of huggingface_hub's retries. A Hub that answers, whatever it says, gets those retries.
+_HUB_PROBE_TIMEOUT_S = 3.0
+
+
+def _hub_unreachable(repo_id: str, revision: str | None) -> str | None:
+    """Why the Hub gave no answer for `repo_id` (refused, no DNS, timed out, proxy), or None."""
+    from huggingface_hub import hf_hub_url
+    from huggingface_hub.utils import get_session
+
+    try:
+        get_session().head(hf_hub_url(repo_id, CONFIG_NAME, revision=revision),
+                           timeout=_HUB_PROBE_TIMEOUT_S)
+    except Exception as err:  # noqa: BLE001 - the HTTP library's transport errors, all alike
+        waited = f" after {_HUB_PROBE_TIMEOUT_S:g} s" if "timeout" in repr(err).lower() else ""
+        return f"{err.__class__.__name__}{waited}: {err}"
+    return None
 
 
 def _download(repo_id, revision, cache_dir, token, local_files_only) -> tuple[Path, str | None]:
@@ -97,17 +136,20 @@ def _download(repo_id, revision, cache_dir, token, local_files_only) -> tuple[Pa
         RevisionNotFoundError,
     )
 
+    offline = bool(hub_constants.HF_HUB_OFFLINE or local_files_only)
+    unreachable = None if offline else _hub_unreachable(repo_id, revision)
+
     def fetch(filename: str) -> str:
+        if offline or unreachable:  # the cache alone: no request at all, not even a header's
+            cached = huggingface_hub.try_to_load_from_cache(repo_id, filename, cache_dir=cache_dir,
+                                                            revision=revision)
+            if isinstance(cached, str):
+                return cached
+            raise LocalEntryNotFoundError(f"{repo_id}/{filename} is not in the local cache")
         return huggingface_hub.hf_hub_download(
-            repo_id,
-            filename,
-            revision=revision,
-            cache_dir=cache_dir,
-            token=token,
-            local_files_only=bool(local_files_only),
+            repo_id, filename, revision=revision, cache_dir=cache_dir, token=token,
         )
 
-    offline = hub_constants.HF_HUB_OFFLINE or local_files_only
     try:
         config_file = Path(fetch(CONFIG_NAME))
         for weights in _WEIGHT_FILES:
@@ -120,17 +162,20 @@ def _download(repo_id, revision, cache_dir, token, local_files_only) -> tuple[Pa
             raise CheckpointError(
                 f"Hub repo {repo_id!r} (revision {revision or 'main'}) has {CONFIG_NAME} but neither "
                 f"{SAFETENSORS_NAME} nor {MSGPACK_NAME}"
-                + (" in the local cache" if offline else "")
+                + (" in the local cache" if offline or unreachable else "")
             )
     except CheckpointError:
         raise
-    except LocalEntryNotFoundError as err:
+    except LocalEntryNotFoundError:
+        why = (" (HF_HUB_OFFLINE is set)" if hub_constants.HF_HUB_OFFLINE else
+               " (local_files_only)" if offline else
+               f" ({hub_constants.ENDPOINT}: {unreachable})" if unreachable else "")
         raise CheckpointError(
             f"model {repo_id!r} (revision {revision or 'main'}) is not in the local Hugging Face "
-            f"cache ({hub_constants.HF_HUB_CACHE}) and the Hub cannot be reached"
-            f"{' (HF_HUB_OFFLINE is set)' if offline else ''}. Download it once with network "
-            f"access (`hf download {repo_id}`), or pass a local model directory."
-        ) from err
+            f"cache ({cache_dir or hub_constants.HF_HUB_CACHE}) and the Hub cannot be "
+            f"reached{why}. Download it once with network access (`hf download {repo_id}`), or "
+            "pass a local model directory."
+        ) from None
     except (RepositoryNotFoundError, RevisionNotFoundError) as err:
         raise CheckpointError(
             f"Hub repo {repo_id!r} or revision {revision or 'main'!r} does not exist or needs a "
@@ -146,8 +191,48 @@ def _download(repo_id, revision, cache_dir, token, local_files_only) -> tuple[Pa
     return snapshot, commit
 
 
+def fetch_file(repo_id: str, filename: str, *, revision: str | None = None,
+               cache_dir: str | os.PathLike | None = None, token: str | bool | None = None,
+               local_files_only: bool | None = None) -> tuple[Path, str | None]:
+    """One published file of a Hub repo (e.g. LlamaGen's "vq_ds16_c2i.pt") in the local Hub
+    cache, and the commit it came from."""
+    import huggingface_hub
+    from huggingface_hub.utils import (
+        EntryNotFoundError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    where = f"{filename!r} of Hub repo {repo_id!r} (revision {revision or 'main'})"
+    try:
+        file = Path(huggingface_hub.hf_hub_download(
+            repo_id, filename, revision=revision, cache_dir=cache_dir, token=token,
+            local_files_only=bool(local_files_only)))
+    except LocalEntryNotFoundError as err:
+        raise CheckpointError(
+            f"{where} is not in the local Hugging Face cache and the Hub cannot be reached. "
+            f"Download it once with network access (`hf download {repo_id} {filename}`), or pass "
+            "the local file's path."
+        ) from err
+    except (EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError) as err:
+        raise CheckpointError(f"{where} does not exist or needs a token (HF_TOKEN): "
+                              f"{err.__class__.__name__}") from err
+    except (HfHubHTTPError, OSError) as err:
+        raise CheckpointError(f"could not fetch {where} ({err.__class__.__name__}: {err})") from err
+    snapshot = file.parent
+    while snapshot.parent.name != "snapshots" and snapshot != snapshot.parent:
+        snapshot = snapshot.parent
+    commit = snapshot.name if re.fullmatch(r"[0-9a-f]{40}", snapshot.name) else revision
+    return file, commit
+
+
 # ---------------------------------------------------------------------------------------------
 # Reading and writing a model directory.
+
+
+_WARNED_NO_RANGE: set[str] = set()
 
 
 def load_config(directory: Path, name: str | None = None) -> VQGANConfig:
@@ -164,11 +249,13 @@ def load_config(directory: Path, name: str | None = None) -> VQGANConfig:
     if "value_range" not in data:
         known = KNOWN_VALUE_RANGES.get(str(name)) if name else None
         if known is None:
-            logger.warning(
-                "%s has no value_range; assuming taming's [-1, 1]. Record it in config.json "
-                "(\"value_range\": [0, 1] or [-1, 1]) to silence this.",
-                file,
-            )
+            if str(file.resolve()) not in _WARNED_NO_RANGE:  # once per file and process
+                _WARNED_NO_RANGE.add(str(file.resolve()))
+                logger.warning(
+                    "%s has no value_range; assuming taming's [-1, 1]. Record it in config.json "
+                    "(\"value_range\": [0, 1] or [-1, 1]) to silence this.",
+                    file,
+                )
             known = (-1.0, 1.0)
         data["value_range"] = list(known)
     try:
@@ -186,11 +273,19 @@ def weights_file(directory: Path) -> Path:
     )
 
 
-def read_params(file: Path, expected_shapes: Mapping) -> dict:
+def read_params(file: Path, expected_shapes: Mapping | Callable[[], Mapping],
+                config: VQGANConfig | None = None) -> dict:
     """Read a weights file into a nested dict of float32 numpy arrays, checked against
-    `expected_shapes` (see check_params)."""
-    flat = {k: _upgrade_legacy(k, _as_float32(v, file, k)) for k, v in _read_flat(file).items()}
-    check_params(flat, expected_shapes, origin=str(file))
+    `expected_shapes` (see check_params; a callable is called only after the cheap checks).
+
+    With `config`, the tensors are first compared with what the config needs (`check_fits`),
+    so that a config that does not fit its weights fails before any model is built or traced.
+    """
+    flat = {k: _upgrade_legacy(k, float_tensor(v, file, k)) for k, v in _read_flat(file).items()}
+    if config is not None:
+        check_fits(flat, config, origin=str(file))
+    shapes = expected_shapes() if callable(expected_shapes) else expected_shapes
+    check_params(flat, shapes, origin=str(file))
     return unflatten(flat)
 
 
@@ -221,68 +316,11 @@ def _read_flat(file: Path) -> dict[tuple[str, ...], Any]:
     return flatten(tree)
 
 
-def _as_float32(value: Any, file: Path, key: tuple[str, ...]) -> np.ndarray:
-    try:
-        return np.asarray(value, dtype=np.float32)
-    except (TypeError, ValueError) as err:
-        raise CheckpointError(
-            f"{file}: {'/'.join(key)}: expected a float array, got {type(value).__name__}"
-        ) from err
-
-
 def _upgrade_legacy(key: tuple[str, ...], value: np.ndarray) -> np.ndarray:
     # Old vqgan-jax uploads stored GroupNorm scale/bias as (1, 1, 1, C) (vqgan-jax PR #4).
     if key[-1] in ("scale", "bias") and value.ndim == 4 and value.shape[:3] == (1, 1, 1):
         return value.reshape(-1)
     return value
-
-
-def check_params(flat: Mapping[tuple[str, ...], Any], expected_shapes: Mapping, origin: str, *,
-                 unexpected: Iterable[str] = ()) -> None:
-    """Raise one readable diff of missing, unexpected and mis-shaped parameter names (plus the
-    names in `unexpected` that a converter could not map), then refuse non-finite values.
-
-    `expected_shapes`: a parameter tree whose leaves have a `.shape` (as `modeling.param_shapes`
-    returns) or are shape tuples, or the same flattened to tuple keys.
-    """
-    expected = _shape_table(expected_shapes)
-    got = {k: tuple(np.shape(v)) for k, v in flat.items()}
-    missing = sorted("/".join(k) for k in expected.keys() - got.keys())
-    unexpected = [*unexpected, *sorted("/".join(k) for k in got.keys() - expected.keys())]
-    misshaped = sorted(
-        f"{'/'.join(k)}: expected {expected[k]}, got {got[k]}"
-        for k in expected.keys() & got.keys()
-        if expected[k] != got[k]
-    )
-    if missing or unexpected or misshaped:
-        raise CheckpointError(_diff_message(origin, missing, unexpected, misshaped))
-    _check_finite(flat, origin)
-
-
-def _shape_table(shapes: Mapping) -> dict[tuple[str, ...], tuple[int, ...]]:
-    flat = shapes if all(isinstance(k, tuple) for k in shapes) else flatten(shapes)
-    return {tuple(k): tuple(getattr(v, "shape", v)) for k, v in flat.items()}
-
-
-def _check_finite(flat: Mapping[tuple[str, ...], Any], origin: str) -> None:
-    # NaN/Inf weights load and run, then give the same (garbage) token for every image: refuse
-    # them once, here. One np.isfinite pass per tensor (measured cost in the README).
-    bad = ["/".join(k) for k, v in sorted(flat.items()) if not np.isfinite(v).all()]
-    if bad:
-        raise CheckpointError(
-            f"{origin}: non-finite values (NaN or Inf) in {bad[0]}"
-            + (f" and {len(bad) - 1} more ({len(bad)} tensors: {', '.join(bad[:12])})" if bad[1:] else "")
-            + "; such weights encode every image to the same garbage tokens, so they are refused"
-        )
-
-
-def _diff_message(origin: str, missing, unexpected, misshaped, limit: int = 12) -> str:
-    lines = [f"{origin}: parameters do not match the config"]
-    for title, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
-        if items:
-            shown = items[:limit] + ([f"... and {len(items) - limit} more"] if len(items) > limit else [])
-            lines.append(f"  {title} ({len(items)}): " + ", ".join(shown))
-    return "\n".join(lines)
 
 
 def save(directory: str | os.PathLike, config: VQGANConfig, params: Mapping,
@@ -364,29 +402,3 @@ def params_digest(params: Mapping) -> str:
         sha.update("/".join(key).encode() + str(array.shape).encode())
         sha.update(array.tobytes())
     return f"params-sha256:{sha.hexdigest()}"
-
-
-# ---------------------------------------------------------------------------------------------
-# Tree helpers.
-
-
-def flatten(tree: Mapping, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
-    """A nested parameter tree as {("encoder", "conv_in", "kernel"): leaf, ...}."""
-    out: dict[tuple[str, ...], Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, Mapping):
-            out.update(flatten(value, (*prefix, str(key))))
-        else:
-            out[(*prefix, str(key))] = value
-    return out
-
-
-def unflatten(flat: Mapping[tuple[str, ...], Any]) -> dict:
-    """The inverse of flatten: tuple keys back to nested dicts."""
-    out: dict = {}
-    for key, value in flat.items():
-        node = out
-        for part in key[:-1]:
-            node = node.setdefault(part, {})
-        node[key[-1]] = value
-    return out

@@ -26,6 +26,15 @@ _IGNORED_KEYS = frozenset(
     }
 )
 
+# Tokenizer families: name -> (quantizer kind, default exact preprocessing).
+FAMILIES: dict[str, tuple[str, str]] = {
+    "taming": ("l2", "lanczos_center_crop"),
+    "llamagen": ("cosine", "adm_center_crop"),
+    "ibq": ("dot", "opencv_linear_center_crop"),
+    "maskgit": ("l2", "adm_center_crop"),
+    "open_magvit2": ("lfq", "torchvision_bilinear_center_crop"),
+}
+
 # The value ranges we know how to name. A checkpoint's range is part of what its tokens mean.
 VALUE_RANGES: dict[str, tuple[float, float]] = {"-1,1": (-1.0, 1.0), "0,1": (0.0, 1.0)}
 
@@ -37,6 +46,9 @@ class VQGANConfig:
     Field names are taming's (`ddconfig` plus `n_embed`/`embed_dim`), so taming yaml files and
     vqgan-jax `config.json` files load unchanged. `value_range` is ours: the pixel range the
     checkpoint was trained with, applied by the uint8 helpers only (never by `encode`).
+    `family` names the tokenizer family (`FAMILIES`): it picks the quantizer kind and the default
+    preprocessing; a config without it is taming's. `weights` says which of a source file's
+    weight sets these are (e.g. "ema"), None when the file holds one.
     """
 
     ch: int = 128
@@ -55,9 +67,23 @@ class VQGANConfig:
     give_pre_end: bool = False
     value_range: tuple[float, float] = (-1.0, 1.0)
     norm_groups: int = 32
+    family: str = "taming"
+    weights: str | None = None
 
     def __post_init__(self) -> None:
+        _check_family(self)
         _validate(self)
+
+    @property
+    def quantizer(self) -> str:
+        """The quantizer kind of the family: "l2", "cosine", "dot" (see models.quantizers) or "lfq"
+        (Open-MAGVIT2's lookup-free signs, in models.magvit2)."""
+        return FAMILIES[self.family][0]
+
+    @property
+    def preprocess(self) -> str:
+        """The exact preprocessing the family's own extraction uses (pipeline.images)."""
+        return FAMILIES[self.family][1]
 
     @property
     def num_resolutions(self) -> int:
@@ -81,11 +107,8 @@ class VQGANConfig:
 
     @property
     def token_dtype(self) -> str:
-        """The smallest unsigned integer dtype that holds every code."""
-        for name, bits in (("uint8", 8), ("uint16", 16), ("uint32", 32)):
-            if self.n_embed <= 2**bits:
-                return name
-        return "uint64"
+        """How tokens are stored: "uint16" up to 65,536 codes, "int32" above."""
+        return "uint16" if self.n_embed <= 2**16 else "int32"
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -143,6 +166,15 @@ class VQGANConfig:
         return dataclasses.replace(self, **changes)
 
 
+def _check_family(config: VQGANConfig) -> None:
+    if not isinstance(config.family, str) or config.family not in FAMILIES:
+        raise ValueError(
+            f"{_PREFIX}family: expected one of {sorted(FAMILIES)}, got {_shown(config.family)}"
+        )
+    if config.weights is not None and not isinstance(config.weights, str):
+        raise TypeError(f"{_PREFIX}weights: expected a name or null, got {_shown(config.weights)}")
+
+
 def _parse_value_range(text: str) -> tuple[float, float]:
     cleaned = text.strip().strip("[]()").replace(" ", "")
     if cleaned in VALUE_RANGES:
@@ -174,6 +206,19 @@ _INT_MINIMUM = {
     "z_channels": 1, "embed_dim": 1, "n_embed": 1, "norm_groups": 1,
 }
 _BOOL_FIELDS = ("double_z", "resamp_with_conv", "give_pre_end")
+# Upper bounds: far above every published tokenizer (widths <= 512, 4 res blocks, 5 levels,
+# 262,144 codes), low enough that no field can make building or loading the model run for
+# minutes or ask for terabytes. n_embed: tokens are stored as int32 at most.
+_INT_MAXIMUM = {
+    "ch": 16384, "out_ch": 64, "in_channels": 64, "num_res_blocks": 64, "resolution": 65536,
+    "z_channels": 16384, "embed_dim": 16384, "n_embed": 2**31 - 1, "norm_groups": 16384,
+}
+_MAX_LEVELS = 16  # len(ch_mult): a downsample factor up to 2 ** 15
+_MAX_WIDTH = 16384  # every channel width ch * ch_mult[i]
+_MAX_ATTENTION = 64  # len(attn_resolutions)
+# The weights a config describes: at most 2 ** 32 parameters (16 GiB as float32), counted from
+# below (the two 3x3 convolutions of each res block, in encoder and decoder, and the codebook).
+_MAX_PARAMETERS = 2**32
 
 
 def _shown(value: Any) -> str:
@@ -205,9 +250,12 @@ def _validate(config: VQGANConfig) -> None:
             wrong.append(f"{name}: expected a list of integers >= 1, got {_shown(value)}")
             continue
         items = list(value)
+        if len(items) > _MAX_LEVELS + _MAX_ATTENTION:  # refused by length, unread
+            values[name] = tuple(items)
+            continue
         bad = [f"{name}[{i}]: expected an integer >= 1, got {_shown(v)}"
                for i, v in enumerate(items) if not _is_int(v)]
-        wrong += bad
+        wrong += bad[:4] + ([f"{name}: {len(bad) - 4} more"] if len(bad) > 4 else [])
         if not bad:
             values[name] = tuple(int(v) for v in items)
     value_range = config.value_range
@@ -237,11 +285,23 @@ def _value_problems(config: VQGANConfig) -> list[str]:
         f"{name}: expected an integer >= {minimum}, got {getattr(config, name)}"
         for name, minimum in _INT_MINIMUM.items() if getattr(config, name) < minimum
     ]
+    problems += [
+        f"{name}: expected an integer <= {maximum:,}, got {getattr(config, name):,}"
+        for name, maximum in _INT_MAXIMUM.items() if getattr(config, name) > maximum
+    ]
     if not config.ch_mult:
         problems.append("ch_mult: expected at least one level, got []")
-    for name in ("ch_mult", "attn_resolutions"):
-        problems += [f"{name}[{i}]: expected an integer >= 1, got {v}"
-                     for i, v in enumerate(getattr(config, name)) if v < 1]
+    for name, most, largest in (("ch_mult", _MAX_LEVELS, _MAX_WIDTH),
+                                ("attn_resolutions", _MAX_ATTENTION, _INT_MAXIMUM["resolution"])):
+        values = getattr(config, name)
+        if len(values) > most:
+            problems.append(f"{name}: expected at most {most} entries, got {len(values):,}")
+            continue
+        problems += [f"{name}[{i}]: expected an integer >= 1, got {v}" if v < 1 else
+                     f"{name}[{i}]: expected an integer <= {largest:,}, got {v:,}"
+                     for i, v in enumerate(values) if not 1 <= v <= largest][:4]
+    if not problems:  # sizes within bounds: what they add up to
+        problems += _size_problems(config)
     low, high = config.value_range if len(config.value_range) == 2 else (0.0, 0.0)
     if not all(math.isfinite(v) for v in config.value_range):
         problems.append(f"value_range: expected finite numbers, got {list(config.value_range)}")
@@ -251,6 +311,8 @@ def _value_problems(config: VQGANConfig) -> list[str]:
         )
     if not 0 <= config.dropout < 1:
         problems.append(f"dropout: expected a number in [0, 1), got {config.dropout}")
+    if len(config.ch_mult) > _MAX_LEVELS:
+        return problems
     widths = [config.ch * m for m in config.ch_mult] + [config.ch]
     if config.norm_groups >= 1 and any(w % config.norm_groups for w in widths):
         problems.append(
@@ -263,6 +325,24 @@ def _value_problems(config: VQGANConfig) -> list[str]:
             f"{config.downsample_factor} (2 ** (len(ch_mult) - 1))"
         )
     return problems
+
+
+def _size_problems(config: VQGANConfig) -> list[str]:
+    widest = config.ch * max(config.ch_mult)
+    if widest > _MAX_WIDTH:
+        return [f"ch, ch_mult: the widest level has ch*ch_mult = {widest:,} channels, expected "
+                f"at most {_MAX_WIDTH:,}"]
+    parameters = _parameters_at_least(config)
+    if parameters > _MAX_PARAMETERS:
+        return [f"ch, ch_mult, num_res_blocks, n_embed, embed_dim: the model described has at "
+                f"least {parameters:,} parameters, expected at most {_MAX_PARAMETERS:,}"]
+    return []
+
+
+def _parameters_at_least(config: VQGANConfig) -> int:
+    """A lower bound on the parameter count of every family's architecture for this config."""
+    convs = sum(2 * config.num_res_blocks * 9 * (config.ch * m) ** 2 for m in config.ch_mult)
+    return convs + config.n_embed * config.embed_dim
 
 
 def f16_16384() -> VQGANConfig:

@@ -1,22 +1,21 @@
 """The VQGAN's leaf building blocks in Flax, and the numerics that differ per backend.
 
-Conv, GroupNorm, ResnetBlock, AttnBlock, Down-/Upsample, the Level and MidBlock that stack them,
-and the VectorQuantizer, with vqgan-jax's parameter names (`norm1/scale`, `conv/kernel`,
-`embedding/embedding`, ...). `modeling` assembles them into the Encoder, Decoder and VQGAN.
+Conv, GroupNorm, ResnetBlock, AttnBlock, Down-/Upsample, and the Level and MidBlock that stack
+them, with vqgan-jax's parameter names (`norm1/scale`, `conv/kernel`, ...). `modeling` assembles
+them into the Encoder, Decoder and VQGAN; the quantizer kinds live in `quantizers`.
 
-Three layers have one formulation per backend, picked while lowering in `_per_backend` (a CPU
-program holds only the CPU branch, a GPU/TPU program only the accelerator branch): GroupNorm
-(CPU: two-pass statistics with the preceding conv's bias folded in; accelerators: one pass,
-output in the compute dtype), nearest-neighbour upsampling (CPU: phase kernels; accelerators:
-nearest x2 then the 3x3 conv) and the quantizer (CPU: one float32 matmul at "highest";
-accelerators: a bfloat16 pass for candidates, then exact float32 rescoring).
+Layers with one formulation per backend pick it while lowering in `per_backend` (a CPU program
+holds only the CPU branch, a GPU/TPU program only the accelerator branch): GroupNorm (CPU:
+two-pass statistics with the preceding conv's bias folded in; accelerators: one pass, output in
+the compute dtype), nearest-neighbour upsampling (CPU: phase kernels; accelerators: nearest x2
+then the 3x3 conv), and the quantizer (`quantizers`).
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -28,14 +27,9 @@ Dtype = Any
 # taming's Normalize: GroupNorm(32, eps=1e-6, affine). The two-pass variance matches PyTorch's
 # to ~1e-6 on offset activations; the fast E[x²]-E[x]² variant drifts by ~1e-5 (see NOTES.md).
 _GROUP_NORM_EPS = 1e-6
-# Quantizer candidates rescored exactly per position on accelerators (XLA's GPU TopK kernel
-# takes k <= 16). The bfloat16 pass ranks the true nearest code first for all but a few % of
-# positions (2.4% on a trained model's latents of real photos) and never below third in what we
-# measured, so 8 leaves a wide margin (BENCHMARKS.md).
-_CANDIDATES = 8
 
 
-def _per_backend(cpu: Callable[..., Any], accelerator: Callable[..., Any], *args: Any) -> Any:
+def per_backend(cpu: Callable[..., Any], accelerator: Callable[..., Any], *args: Any) -> Any:
     """`cpu(*args)` in programs lowered for CPU, `accelerator(*args)` for GPU/TPU.
 
     The one place where the formulation depends on the backend. The choice is made while
@@ -176,7 +170,7 @@ class GroupNorm(nn.Module):
         bias = self.param("bias", nn.initializers.zeros, (channels,), jnp.float32)
         static = dict(num_groups=self.num_groups, epsilon=self.epsilon, dtype=self.dtype)
         args = (x, scale, bias) if offset is None else (x, scale, bias, offset)
-        return _per_backend(functools.partial(group_norm_cpu, **static),
+        return per_backend(functools.partial(group_norm_cpu, **static),
                             functools.partial(group_norm_accelerator, **static), *args)
 
 
@@ -334,7 +328,7 @@ class Upsample(nn.Module):
             return _nearest_x2(x)
         channels = x.shape[-1]
         kernel, bias = ConvWeights(channels, 3, channels, name="conv")()
-        return _per_backend(functools.partial(upsample_cpu, dtype=self.dtype),
+        return per_backend(functools.partial(upsample_cpu, dtype=self.dtype),
                             functools.partial(upsample_accelerator, dtype=self.dtype),
                             x, kernel, bias)
 
@@ -383,81 +377,3 @@ class MidBlock(nn.Module):
         x = block(name="block_1")(x, deterministic)
         x = AttnBlock(self.norm_groups, self.dtype, name="attn_1")(x)
         return block(name="block_2")(x, deterministic)
-
-
-def nearest_codes(z: jax.Array, codebook: jax.Array) -> jax.Array:
-    """Index of the nearest codebook row (squared Euclidean) for each row of z [N,D], int32 [N].
-
-    The exact float32 argmin on every backend (ties to the lowest index, as argmin): on CPU by
-    `nearest_codes_exact`, on GPU/TPU by `nearest_codes_rescored` at the cost of a bfloat16
-    matmul.
-    """
-    return _per_backend(nearest_codes_exact, nearest_codes_rescored, z, codebook)
-
-
-def nearest_codes_exact(z: jax.Array, codebook: jax.Array) -> jax.Array:
-    """argmin |z|²+|e|²−2z·e (taming's form), one [N,D]×[D,K] float32 matmul at "highest".
-
-    Near-ties flip under TF32/bfloat16, hence "highest"; on CPU that is native float32 anyway.
-    """
-    z = z.astype(jnp.float32)
-    codebook = codebook.astype(jnp.float32)
-    dots = jnp.dot(z, codebook.T, precision=jax.lax.Precision.HIGHEST)
-    distance = (
-        jnp.sum(z**2, axis=1, keepdims=True) + jnp.sum(codebook**2, axis=1)[None, :] - 2 * dots
-    )
-    return jnp.argmin(distance, axis=1).astype(jnp.int32)
-
-
-def nearest_codes_rescored(z: jax.Array, codebook: jax.Array,
-                           candidates: int = _CANDIDATES) -> jax.Array:
-    """The exact nearest code at the cost of a bfloat16 matmul (for GPU/TPU).
-
-    z·e - |e|²/2 from bfloat16 inputs (float32 accumulation) ranks the codes; the best
-    `candidates` per row are rescored with exact float32 squared distances |z - e|² (elementwise,
-    no cancellation), and the smallest wins, ties to the lowest index. Only a code that the fast
-    pass ranks below `candidates` others can be missed, which needs that many codes within the
-    fast pass's error (~2^-8 |z||e|) of the nearest one.
-    """
-    z = z.astype(jnp.float32)
-    codebook = codebook.astype(jnp.float32)
-    size = codebook.shape[0]
-    half_norms = 0.5 * jnp.sum(jnp.square(codebook), axis=1)
-    scores = jnp.dot(z.astype(jnp.bfloat16), codebook.astype(jnp.bfloat16).T,
-                     preferred_element_type=jnp.float32) - half_norms
-    _, chosen = jax.lax.top_k(scores, min(candidates, size))  # [N,k]
-    distance = jnp.sum(jnp.square(z[:, None, :] - codebook[chosen]), axis=-1)  # [N,k]
-    best = jnp.min(distance, axis=1, keepdims=True)
-    return jnp.min(jnp.where(distance == best, chosen, size), axis=1).astype(jnp.int32)
-
-
-class VectorQuantizer(nn.Module):
-    """Nearest-codebook quantizer; `embedding/embedding` is the [n_embed, embed_dim] codebook."""
-
-    codebook_size: int
-    embed_dim: int
-
-    def setup(self) -> None:
-        self.embedding = nn.Embed(
-            self.codebook_size,
-            self.embed_dim,
-            embedding_init=_uniform_init(1.0 / self.codebook_size),
-        )
-
-    def __call__(self, z: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """z [B,h,w,D] → (quantized [B,h,w,D] float32, indices [B,h*w] int32, raster order)."""
-        batch = z.shape[0]
-        indices = nearest_codes(z.reshape(-1, self.embed_dim), self.embedding.embedding)
-        quantized = self.embedding.embedding[indices].reshape(z.shape[:-1] + (self.embed_dim,))
-        return quantized, indices.reshape(batch, -1)
-
-    def lookup(self, indices: jax.Array) -> jax.Array:
-        """indices [B,N] → codebook rows [B,N,D]; out-of-range ids give NaN (validate first)."""
-        return jnp.take(self.embedding.embedding, indices, axis=0, mode="fill", fill_value=jnp.nan)
-
-
-def _uniform_init(limit: float):
-    def init(key: jax.Array, shape: Sequence[int], dtype: Dtype = jnp.float32) -> jax.Array:
-        return jax.random.uniform(key, shape, dtype, -limit, limit)
-
-    return init

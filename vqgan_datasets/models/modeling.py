@@ -1,232 +1,35 @@
-"""The VQGAN of taming-transformers in Flax: Encoder, Decoder, VQGAN, and the VQModel wrapper.
+"""VQModel: a tokenizer's Flax module with its parameters, vqgan-jax's `VQModel` surface
+(`from_pretrained`, `encode`, `decode`, `decode_code`) and the uint8 helpers.
 
-Parameter names follow vqgan-jax's tree exactly (`encoder/down_0/block_0/norm1/scale`, ...), so
-its `flax_model.msgpack` files load unchanged. Layout is NHWC. Pixel values go in and come out in
-the checkpoint's own range (no hidden scaling); `VQModel`'s uint8 helpers apply the range. The
-leaf blocks and their per-backend numerics live in `layers`.
+Every family goes through it: the module comes from `vqgan.module_from_config` (dispatching on
+the config's family). Pixel values go in and come out in the checkpoint's own range (no hidden
+scaling); `encode_images`/`decode_images` apply the range.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 import warnings
-from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import checkpoints
+from . import checkpoints, conversion
 from .config import VQGANConfig
-from .layers import Dtype, Level, MidBlock, VectorQuantizer, conv_layer, norm_layer
-from .layers import nearest_codes as nearest_codes  # re-exported: model/train_demo.py imports it
+from .layers import Dtype
+from .quantizers import nearest_codes as nearest_codes  # re-exported: model/train_demo.py
+from .vqgan import VQGAN as VQGAN  # re-exported, with the module helpers, for callers here
+from .vqgan import Decoder as Decoder
+from .vqgan import Encoder as Encoder
+from .vqgan import init_params, module_from_config, param_shapes
 
-
-class Encoder(nn.Module):
-    """Pixels [B,H,W,in] → latents [B,H/f,W/f,z] (2z channels when `double_z`)."""
-
-    channels: int
-    channel_multipliers: Sequence[int]
-    num_res_blocks: int
-    attn_resolutions: Sequence[int]
-    resolution: int
-    z_channels: int
-    double_z: bool = False
-    resamp_with_conv: bool = True
-    norm_groups: int = 32
-    dropout: float = 0.0
-    dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
-        x = conv_layer(self.channels, 3, "conv_in", self.dtype)(x.astype(self.dtype))
-        # Attention placement follows the configured resolution, as in taming (not the input size).
-        res = self.resolution
-        last = len(self.channel_multipliers) - 1
-        for i, mult in enumerate(self.channel_multipliers):
-            x = Level(
-                self.channels * mult, self.num_res_blocks, res in self.attn_resolutions,
-                "down" if i != last else None, self.resamp_with_conv, self.norm_groups,
-                self.dropout, self.dtype, name=f"down_{i}",
-            )(x, deterministic)
-            if i != last:
-                res //= 2
-        x = MidBlock(x.shape[-1], self.norm_groups, self.dropout, self.dtype, name="mid")(
-            x, deterministic
-        )
-        x = nn.swish(norm_layer("norm_out", self.norm_groups, self.dtype)(x))
-        out = 2 * self.z_channels if self.double_z else self.z_channels
-        return conv_layer(out, 3, "conv_out", self.dtype)(x)
-
-
-class Decoder(nn.Module):
-    """Latents [B,h,w,z] → pixels [B,h*f,w*f,out]."""
-
-    channels: int
-    channel_multipliers: Sequence[int]
-    num_res_blocks: int
-    attn_resolutions: Sequence[int]
-    resolution: int
-    out_channels: int = 3
-    resamp_with_conv: bool = True
-    give_pre_end: bool = False
-    norm_groups: int = 32
-    dropout: float = 0.0
-    dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, z: jax.Array, deterministic: bool = True) -> jax.Array:
-        levels = len(self.channel_multipliers)
-        width = self.channels * self.channel_multipliers[-1]
-        res = self.resolution // 2 ** (levels - 1)
-        x = conv_layer(width, 3, "conv_in", self.dtype)(z.astype(self.dtype))
-        x = MidBlock(width, self.norm_groups, self.dropout, self.dtype, name="mid")(
-            x, deterministic
-        )
-        for i in reversed(range(levels)):
-            x = Level(
-                self.channels * self.channel_multipliers[i], self.num_res_blocks + 1,
-                res in self.attn_resolutions, "up" if i != 0 else None, self.resamp_with_conv,
-                self.norm_groups, self.dropout, self.dtype, name=f"up_{i}",
-            )(x, deterministic)
-            if i != 0:
-                res *= 2
-        if self.give_pre_end:
-            return x
-        x = nn.swish(norm_layer("norm_out", self.norm_groups, self.dtype)(x))
-        return conv_layer(self.out_channels, 3, "conv_out", self.dtype)(x)
-
-
-class VQGAN(nn.Module):
-    """Encoder → quant_conv → quantizer, and post_quant_conv → Decoder (taming's VQModel)."""
-
-    channels: int
-    channel_multipliers: Sequence[int]
-    num_res_blocks: int
-    attn_resolutions: Sequence[int]
-    resolution: int
-    z_channels: int
-    embed_dim: int
-    codebook_size: int
-    in_channels: int = 3
-    out_channels: int = 3
-    double_z: bool = False
-    resamp_with_conv: bool = True
-    give_pre_end: bool = False
-    norm_groups: int = 32
-    dropout: float = 0.0
-    dtype: Dtype = jnp.float32
-
-    def setup(self) -> None:
-        shared = dict(
-            channels=self.channels,
-            channel_multipliers=tuple(self.channel_multipliers),
-            num_res_blocks=self.num_res_blocks,
-            attn_resolutions=tuple(self.attn_resolutions),
-            resolution=self.resolution,
-            resamp_with_conv=self.resamp_with_conv,
-            norm_groups=self.norm_groups,
-            dropout=self.dropout,
-            dtype=self.dtype,
-        )
-        self.encoder = Encoder(z_channels=self.z_channels, double_z=self.double_z, **shared)
-        self.decoder = Decoder(
-            out_channels=self.out_channels, give_pre_end=self.give_pre_end, **shared
-        )
-        self.quant_conv = conv_layer(self.embed_dim, 1, None, self.dtype)
-        self.post_quant_conv = conv_layer(self.z_channels, 1, None, self.dtype)
-        self.quantize = VectorQuantizer(self.codebook_size, self.embed_dim)
-
-    def encode(self, pixels: jax.Array, deterministic: bool = True):
-        """pixels [B,H,W,C] in the model's range → (quantized [B,h,w,D], indices [B,h*w])."""
-        z = self.quant_conv(self.encoder(pixels, deterministic))
-        return self.quantize(z)
-
-    def encode_latents(self, pixels: jax.Array, deterministic: bool = True) -> jax.Array:
-        """pixels → pre-quantization latents [B,h,w,D] (what the quantizer sees)."""
-        return self.quant_conv(self.encoder(pixels, deterministic)).astype(jnp.float32)
-
-    def decode(self, quantized: jax.Array, deterministic: bool = True) -> jax.Array:
-        """quantized latents [B,h,w,D] → pixels [B,H,W,C] in the model's range, float32."""
-        out = self.decoder(self.post_quant_conv(quantized.astype(self.dtype)), deterministic)
-        return out.astype(jnp.float32)
-
-    def decode_code(self, indices: jax.Array, grid: tuple[int, int] | None = None) -> jax.Array:
-        """indices [B,h*w] (raster order) → pixels; a square grid unless `grid` says otherwise."""
-        batch, length = indices.shape
-        if grid is None:
-            side = int(round(length**0.5))
-            if side * side != length:
-                raise ValueError(f"{length} tokens are not a square grid; pass grid=(h, w)")
-            grid = (side, side)
-        quantized = self.quantize.lookup(indices).reshape(batch, *grid, self.embed_dim)
-        return self.decode(quantized)
-
-    def __call__(self, pixels: jax.Array, deterministic: bool = True):
-        """Reconstruction: (pixels', quantized, latents, indices); used by training and init."""
-        z = self.quant_conv(self.encoder(pixels, deterministic)).astype(jnp.float32)
-        quantized, indices = self.quantize(z)
-        # Straight-through estimator: the decoder sees the codes, the encoder gets its gradient.
-        passed = z + jax.lax.stop_gradient(quantized - z)
-        return self.decode(passed, deterministic), quantized, z, indices
-
-
-def module_from_config(config: VQGANConfig, dtype: Dtype = jnp.float32) -> VQGAN:
-    """The Flax module for a config; the one place config fields become module fields."""
-    return VQGAN(
-        channels=config.ch,
-        channel_multipliers=tuple(config.ch_mult),
-        num_res_blocks=config.num_res_blocks,
-        attn_resolutions=tuple(config.attn_resolutions),
-        resolution=config.resolution,
-        z_channels=config.z_channels,
-        embed_dim=config.embed_dim,
-        codebook_size=config.n_embed,
-        in_channels=config.in_channels,
-        out_channels=config.out_ch,
-        double_z=config.double_z,
-        resamp_with_conv=config.resamp_with_conv,
-        give_pre_end=config.give_pre_end,
-        norm_groups=config.norm_groups,
-        dropout=config.dropout,
-        dtype=dtype,
-    )
-
-
-def init_params(config: VQGANConfig, seed: int = 0) -> dict:
-    """Random parameters in vqgan-jax's tree layout (numpy float32, deterministic per seed).
-
-    Shapes come from an abstract trace; values are drawn leaf by leaf with numpy (conv kernels
-    LeCun-normal, biases 0, norm scales 1, codebook uniform ±1/n_embed), which avoids compiling
-    the whole network just to initialise it (seconds per tiny model in the tests).
-    """
-    rng = np.random.default_rng(seed)
-
-    def draw(path, leaf) -> np.ndarray:
-        name = path[-1].key
-        shape = tuple(leaf.shape)
-        if name == "kernel":
-            fan_in = int(np.prod(shape[:-1]))
-            return (rng.standard_normal(shape) / np.sqrt(fan_in)).astype(np.float32)
-        if name == "scale":
-            return np.ones(shape, np.float32)
-        if name == "embedding":
-            limit = 1.0 / shape[0]
-            return rng.uniform(-limit, limit, shape).astype(np.float32)
-        return np.zeros(shape, np.float32)
-
-    return jax.tree_util.tree_map_with_path(draw, param_shapes(config))
-
-
-def param_shapes(config: VQGANConfig) -> dict:
-    """The expected parameter tree as ShapeDtypeStructs, without allocating anything."""
-    module = module_from_config(config)
-    size = config.resolution
-    pixels = jax.ShapeDtypeStruct((1, size, size, config.in_channels), jnp.float32)
-    shapes = jax.eval_shape(module.init, jax.random.PRNGKey(0), pixels)
-    return dict(shapes["params"])
+__all__ = ["VQGAN", "Decoder", "Encoder", "VQModel", "check_codes", "decode_uint8",
+           "encode_uint8", "init_params", "module_from_config", "nearest_codes", "param_shapes",
+           "to_model_range", "to_uint8"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -246,24 +49,24 @@ def to_uint8(pixels: jax.Array, value_range: tuple[float, float]) -> jax.Array:
     return jnp.round(unit * 255.0).astype(jnp.uint8)
 
 
-def encode_uint8(module: VQGAN, value_range, params, images: jax.Array) -> jax.Array:
+def encode_uint8(module: Any, value_range, params, images: jax.Array) -> jax.Array:
     """uint8 [B,H,W,C] → int32 codes [B,h*w]: scaling and encoding in one device program."""
     _, indices = module.apply({"params": params}, to_model_range(images, value_range),
-                              method=VQGAN.encode)
+                              method="encode")
     return indices
 
 
-def decode_uint8(module: VQGAN, value_range, grid, params, codes: jax.Array) -> jax.Array:
+def decode_uint8(module: Any, value_range, grid, params, codes: jax.Array) -> jax.Array:
     """int codes [B,h*w] → uint8 [B,H,W,C]."""
     pixels = module.apply({"params": params}, codes.astype(jnp.int32), grid,
-                          method=VQGAN.decode_code)
+                          method="decode_code")
     return to_uint8(pixels, value_range)
 
 
 class VQModel:
     """A VQGAN with its parameters: `from_pretrained`, `encode`, `decode`, `decode_code`.
 
-    Same calls as vqgan-jax's `VQModel` (the seed's scripts work with only the import changed);
+    Same calls as vqgan-jax's `VQModel` (its scripts work with only the import changed);
     methods accept `params=` for use inside the caller's own jit/pmap. `encode_images` and
     `decode_images` are the uint8-in/uint8-out helpers that apply `config.value_range`.
     """
@@ -283,10 +86,10 @@ class VQModel:
         self._weights = params if params is not None else init_params(config, seed)
         self.source = source  # checkpoints.CheckpointSource, or None for in-memory weights
         self._digest: str | None = source.weights_digest if source is not None else None
-        self._encode = jax.jit(lambda p, x: self.module.apply({"params": p}, x, method=VQGAN.encode))
-        self._decode = jax.jit(lambda p, z: self.module.apply({"params": p}, z, method=VQGAN.decode))
+        self._encode = jax.jit(lambda p, x: self.module.apply({"params": p}, x, method="encode"))
+        self._decode = jax.jit(lambda p, z: self.module.apply({"params": p}, z, method="decode"))
         self._decode_code = jax.jit(
-            lambda p, c: self.module.apply({"params": p}, c, method=VQGAN.decode_code)
+            lambda p, c: self.module.apply({"params": p}, c, method="decode_code")
         )
         self._encode_images = jax.jit(functools.partial(encode_uint8, self.module,
                                                         config.value_range))
@@ -308,9 +111,15 @@ class VQModel:
         local_files_only: bool | None = None,
         value_range: tuple[float, float] | None = None,
         _do_init: bool = True,
+        filename: str | None = None,
+        family: str | None = None,
         **unused: Any,
     ) -> VQModel | tuple[VQModel, dict]:
-        """Load a Hub repo id (e.g. "flax-community/vqgan_f16_16384") or a local directory.
+        """Load a Hub repo id (e.g. "flax-community/vqgan_f16_16384") or a local directory, or a
+        published checkpoint file: a local path, or a Hub repo id with `filename=` (e.g.
+        "FoundationVision/LlamaGen", filename="vq_ds16_c2i.pt"), converted once into a cache
+        (`family=` forces the family; see `convert_checkpoint`). The weights digest of a
+        published file is the file's own sha256.
 
         `_do_init=False` returns `(model, params)` as vqgan-jax/transformers do.
         """
@@ -318,21 +127,16 @@ class VQModel:
             import logging
 
             logging.getLogger(__name__).debug("ignoring from_pretrained arguments %s", sorted(unused))
-        directory, commit = checkpoints.resolve(
-            name_or_path, revision=revision, cache_dir=cache_dir, token=token,
-            local_files_only=local_files_only,
+        directory, source = locate_pretrained(
+            name_or_path, revision=revision, filename=filename, family=family,
+            cache_dir=cache_dir, token=token, local_files_only=local_files_only,
         )
-        config = checkpoints.load_config(directory, name=str(name_or_path))
+        config = checkpoints.load_config(directory, name=source.name)
         if value_range is not None:
             config = config.replace(value_range=tuple(value_range))
-        file = checkpoints.weights_file(directory)
-        params = checkpoints.read_params(file, param_shapes(config))
-        source = checkpoints.CheckpointSource(
-            name=str(name_or_path),
-            revision=commit,
-            weights_file=str(file.resolve()),
-            weights_digest=checkpoints.file_digest(file),
-        )
+        weights = checkpoints.weights_file(directory)
+        params = checkpoints.read_params(weights, functools.partial(param_shapes, config),
+                                         config=config)
         model = cls(config, params, dtype=dtype, source=source)
         return (model, model.params) if not _do_init else model
 
@@ -448,8 +252,73 @@ class VQModel:
         )
 
     def __repr__(self) -> str:
-        return (f"VQModel({self.name or 'in-memory'}, codebook={self.config.n_embed}, "
+        return (f"VQModel({self.name or 'in-memory'}, {self.config.family}, "
+                f"codebook={self.config.n_embed}, "
                 f"f={self.config.downsample_factor}, dtype={self.dtype.name})")
+
+
+# File name endings of the published checkpoints that from_pretrained converts.
+_PUBLISHED_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
+
+
+def locate_pretrained(
+    name_or_path: str | os.PathLike,
+    *,
+    revision: str | None = None,
+    filename: str | None = None,
+    family: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    token: str | bool | None = None,
+    local_files_only: bool | None = None,
+) -> tuple[Path, checkpoints.CheckpointSource]:
+    """The model directory `from_pretrained` reads for a Hub repo, a local directory or a
+    published checkpoint file (converted once into a cache), and where its weights came from
+    (name, Hub commit, the file read, its digest: for a published file, the file's own)."""
+    hub = dict(revision=revision, cache_dir=cache_dir, token=token,
+               local_files_only=local_files_only)
+    published = _published_file(name_or_path, filename, **hub)
+    if published is None:
+        directory, commit = checkpoints.resolve(name_or_path, **hub)
+        file = checkpoints.weights_file(directory)
+        name, digest = str(name_or_path), checkpoints.file_digest(file)
+    else:
+        name, file, commit, origin = published
+        digest = checkpoints.file_digest(file)
+        root = (Path(cache_dir) / "vqgan_datasets-converted" if cache_dir is not None
+                else _default_conversion_cache())
+        directory = conversion.converted_directory(file, root, digest, family=family,
+                                                   source=origin)
+    return directory, checkpoints.CheckpointSource(
+        name=name, revision=commit, weights_file=str(file.resolve()), weights_digest=digest)
+
+
+def _published_file(name_or_path: Any, filename: str | None, **hub: Any
+                    ) -> tuple[str, Path, str | None, dict] | None:
+    """(name to record, local file, Hub commit, origin) when `from_pretrained` was given a
+    published checkpoint file; None for a model directory or repo."""
+    name = os.fspath(name_or_path)
+    path = Path(name).expanduser()
+    if filename is None:
+        if path.is_file() and name.endswith(_PUBLISHED_SUFFIXES):
+            return name, path, None, {"repo_id": None, "filename": path.name}
+        parts = name.split("/")
+        if (len(parts) < 3 or not name.endswith(_PUBLISHED_SUFFIXES) or path.exists()
+                or name.startswith(("/", ".", "~"))):
+            return None
+        name, filename = "/".join(parts[:2]), "/".join(parts[2:])  # "org/repo/file.pt"
+    if path.is_dir():
+        file = path / filename
+        if not file.is_file():
+            raise checkpoints.CheckpointError(f"{path}: no file {filename!r}")
+        return str(file), file, None, {"repo_id": None, "filename": filename}
+    file, commit = checkpoints.fetch_file(name, filename, **hub)
+    return f"{name}/{filename}", file, commit, {"repo_id": name, "filename": filename}
+
+
+def _default_conversion_cache() -> Path:
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HOME) / "vqgan_datasets" / "converted"
 
 
 _PIXEL_SAMPLE = 65_536  # values read per input to check its range

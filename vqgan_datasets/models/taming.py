@@ -1,16 +1,17 @@
-"""taming-transformers PyTorch checkpoints → a model directory `VQModel.from_pretrained` loads.
+"""The taming-transformers family: its checkpoints' names and layouts onto our parameter tree.
 
-Above modeling (it needs `param_shapes` to check the converted tree) and above checkpoints (it
-writes through `checkpoints.save`). Loading is weights-only: the Lightning objects pickled
-around the weights become inert stand-ins, and anything else in the pickle is refused by name.
+A family module (see `families`): `evidence` (signs that a file is taming's), `infer_config`
+(the architecture off the tensor shapes, or a taming yaml), `to_flax` (renaming and transposing
+into vqgan-jax's tree). `flax_tree` is the shared renaming machinery for the families whose
+module is the taming layout (LlamaGen, IBQ). `convert_taming_checkpoint` stays the public entry
+for taming files.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -19,146 +20,117 @@ import numpy as np
 from . import checkpoints
 from .checkpoints import CheckpointError
 from .config import VQGANConfig
-from .modeling import param_shapes
+from .sourcefiles import is_stubbed as _is_stubbed  # noqa: F401 - the allow-list, tested here
+from .sourcefiles import read_source
+from .vqgan import param_shapes
 
-logger = logging.getLogger(__name__)
+FAMILY = "taming"
 
 _TOP_LEVEL = ("encoder", "decoder", "quantize", "quant_conv", "post_quant_conv")
+# Training-only parts of taming (and IBQ) Lightning checkpoints.
+_IGNORED_PREFIXES = ("loss.", "discriminator.", "perceptual_loss.")
 
-# Globals that Lightning checkpoints pickle around the weights (callbacks, hyper-parameters,
-# numpy scalars). They are replaced by inert stand-ins, so nothing from the file is executed.
-# Matched as whole top-level packages (their class names vary across versions) or exact names;
-# never by string prefix, so "builtins.setattr" or "tamingx.y" are refused.
-_STUBBED_PACKAGES = frozenset({
-    "pytorch_lightning", "lightning", "lightning_fabric", "omegaconf", "numpy", "pathlib",
-    "argparse", "collections", "typing", "datetime", "taming",
-})
-_STUBBED_NAMES = frozenset({"builtins.set", "builtins.frozenset", "builtins.slice", "_codecs.encode"})
+Rename = Callable[[str], "tuple[str, ...] | None"]
 
 
-def _is_stubbed(name: str) -> bool:
-    """Whether the pickled global `module.qualname` may be replaced by an inert stand-in."""
-    return name in _STUBBED_NAMES or name.split(".", 1)[0] in _STUBBED_PACKAGES
+def evidence(names_to_shapes: Mapping[str, tuple[int, ...]], extras: Mapping[str, Any]) -> list[str]:
+    """Signs that a file holds a taming-layout VQGAN (taming's own module names)."""
+    signs = []
+    if any(name.startswith("encoder.down.") for name in names_to_shapes):
+        signs.append("tensor names encoder.down.<level>.block.<i> (taming's Encoder)")
+    if any(name.startswith("decoder.up.") for name in names_to_shapes):
+        signs.append("tensor names decoder.up.<level>.block.<i> (taming's Decoder)")
+    return signs
 
 
-class _Inert:
-    """Stand-in for a pickled object we neither trust nor need (only its state is kept)."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self.args, self.kwargs = args, kwargs
-
-    def __setstate__(self, state: Any) -> None:
-        self.state = state
-
-    def __call__(self, *args: Any, **kwargs: Any) -> _Inert:
-        return _Inert(*args, **kwargs)
+def infer_config(names_to_shapes: Mapping[str, tuple[int, ...]],
+                 yaml_path: str | os.PathLike | None = None) -> VQGANConfig:
+    """The architecture from a taming yaml when given, else off the tensor names and shapes."""
+    if yaml_path is not None:
+        return VQGANConfig.from_taming_yaml(yaml_path)
+    return infer_taming_config(names_to_shapes)
 
 
-def load_taming_state_dict(ckpt_path: str | os.PathLike, *, unsafe_pickle: bool = False) -> dict:
-    """The `state_dict` of a taming .ckpt/.pt file as numpy arrays.
+def to_flax(state: Mapping[str, np.ndarray], config: VQGANConfig) -> dict:
+    """Rename and transpose a taming VQModel state dict into our tree, checked against `config`."""
+    return flax_tree(state, config, _taming_path)
 
-    Loads with `torch.load(weights_only=True)`; the Lightning objects around the weights are
-    replaced by inert stand-ins. Full unpickling (which can run code from the file) happens only
-    with `unsafe_pickle=True`.
+
+def _taming_path(name: str) -> tuple[str, ...] | None:
+    if name.startswith(_IGNORED_PREFIXES):
+        return None
+    if name == "quantize.used" or name.startswith("quantize.re_embed"):
+        raise CheckpointError(f"codebook remapping ({name}) is not supported")
+    parts = tuple(re.sub(r"\.(\d+)", r"_\1", name).split("."))
+    return parts if parts[0] in _TOP_LEVEL else ()
+
+
+def flax_tree(state: Mapping[str, np.ndarray], config: VQGANConfig, rename: Rename) -> dict:
+    """Our parameter tree from a PyTorch state dict, checked against `config`'s shapes.
+
+    `rename(name)` gives the module path plus torch leaf ("weight"/"bias") in our tree, None
+    for a tensor to skip, or () for one it does not know. Conv weights go OIHW → HWIO, norm
+    weights become `scale`, embedding weights `embedding`. A tensor whose shape differs from
+    what the config expects is named with both shapes (in the file's layout).
     """
-    try:
-        import torch
-    except ImportError as err:
-        raise ImportError(
-            "converting taming checkpoints needs PyTorch: pip install 'vqgan-datasets[torch]'"
-        ) from err
-    path = os.fspath(ckpt_path)
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{path}: no such checkpoint file")
-    if unsafe_pickle:
-        logger.warning("%s: full unpickling requested; this runs any code the file contains", path)
-        blob = torch.load(path, map_location="cpu", weights_only=False)
-    else:
-        blob = _load_weights_only(torch, path)
-    state = blob.get("state_dict", blob) if isinstance(blob, Mapping) else None
-    if not isinstance(state, Mapping) or not state:
-        raise CheckpointError(
-            f"{path}: expected a dict of tensors or a Lightning checkpoint with 'state_dict', "
-            f"got {type(blob).__name__}"
-        )
-    out = {}
-    for key, value in state.items():
-        if not isinstance(value, torch.Tensor):
-            raise CheckpointError(f"{path}: state_dict[{key!r}] is {type(value).__name__}, not a tensor")
-        out[str(key)] = value.detach().to(torch.float32).cpu().numpy()
-    return out
-
-
-def _load_weights_only(torch, path: str):
-    try:
-        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-    except Exception:  # noqa: BLE001 - legacy (non-zip) files: let torch.load report it
-        unsafe = []
-    refused = [g for g in unsafe if not _is_stubbed(g)]
-    if refused:
-        raise CheckpointError(
-            f"{path}: the pickle references {refused}, which a weights-only load will not "
-            "construct. If you trust this file, pass unsafe_pickle=True (CLI: --unsafe-pickle); "
-            "that runs whatever code the file contains."
-        )
-    stubs = [(type(name.rsplit(".", 1)[-1], (_Inert,), {}), name) for name in unsafe]
-    try:
-        with torch.serialization.safe_globals(stubs):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - turn any unpickling failure into one message
-        raise CheckpointError(
-            f"{path}: could not be loaded weights-only ({err.__class__.__name__}: "
-            f"{str(err).splitlines()[0] if str(err) else ''}). If you trust this file, pass "
-            "unsafe_pickle=True (CLI: --unsafe-pickle); that runs code from the file."
-        ) from err
-
-
-_IGNORED_TAMING_PREFIXES = ("loss.", "discriminator.", "perceptual_loss.")
-
-
-def taming_to_flax(state: Mapping[str, np.ndarray], config: VQGANConfig, origin: str) -> dict:
-    """Rename and transpose a taming VQModel state_dict into vqgan-jax's parameter tree, checked
-    against `config` (one diff naming what is missing, unexpected or mis-shaped)."""
-    return _to_flax(state, param_shapes(config), origin)
-
-
-def _to_flax(state: Mapping[str, np.ndarray], shapes: Mapping, origin: str) -> dict:
+    expected = {k: tuple(v.shape) for k, v in checkpoints.flatten(param_shapes(config)).items()}
     flat: dict[tuple[str, ...], np.ndarray] = {}
-    unexpected = []
-    for key, value in state.items():
-        if key.startswith(_IGNORED_TAMING_PREFIXES):
+    unexpected, misshaped = [], []
+    for name, value in state.items():
+        path = rename(name)
+        if path is None:
             continue
-        if key == "quantize.used" or key.startswith("quantize.re_embed"):
-            raise CheckpointError(f"{origin}: codebook remapping ({key}) is not supported")
-        parts = re.sub(r"\.(\d+)", r"_\1", key).split(".")
-        if parts[0] not in _TOP_LEVEL:
-            unexpected.append(key)
+        key = _leaf_key(path, value) if path else None
+        if key is None:
+            unexpected.append(name)
             continue
-        *path, leaf = parts
-        if leaf == "bias":
-            flat[(*path, "bias")] = value
-        elif leaf == "weight" and value.ndim == 4:
-            flat[(*path, "kernel")] = value.transpose(2, 3, 1, 0)  # OIHW → HWIO
-        elif leaf == "weight" and path[-1] == "embedding":
-            flat[(*path, "embedding")] = value
-        elif leaf == "weight" and value.ndim == 1:
-            flat[(*path, "scale")] = value
-        else:
-            unexpected.append(key)
-    checkpoints.check_params(flat, shapes, origin, unexpected=unexpected)
+        converted = value.transpose(2, 3, 1, 0) if key[-1] == "kernel" else value
+        want = expected.get(key)
+        if want is not None and tuple(converted.shape) != want:
+            in_file = (want[3], want[2], want[0], want[1]) if key[-1] == "kernel" else want
+            misshaped.append(f"{name}: the config expects {in_file}, the file has "
+                             f"{tuple(value.shape)}")
+            continue
+        flat[key] = converted
+    if misshaped:
+        raise CheckpointError(
+            f"tensor shapes do not match the {config.family} config "
+            f"({len(misshaped)} tensors): " + "; ".join(misshaped[:8])
+            + (f"; ... and {len(misshaped) - 8} more" if len(misshaped) > 8 else "")
+        )
+    checkpoints.check_params(flat, expected, f"{config.family} checkpoint", unexpected=unexpected)
     return checkpoints.unflatten(flat)
 
 
-def infer_taming_config(state: Mapping[str, np.ndarray], resolution: int = 256) -> VQGANConfig:
-    """Read the architecture off a taming state_dict's names and shapes (attention placement is
-    relative to `resolution`, which the weights cannot tell)."""
+def _leaf_key(path: tuple[str, ...], value: np.ndarray) -> tuple[str, ...] | None:
+    *modules, leaf = path
+    if leaf == "bias":
+        return (*modules, "bias")
+    if leaf != "weight":
+        return None
+    if value.ndim == 4:
+        return (*modules, "kernel")
+    if modules and modules[-1] == "embedding":
+        return (*modules, "embedding")
+    if value.ndim == 1:
+        return (*modules, "scale")
+    return None
+
+
+def infer_taming_config(state: Mapping[str, Any], resolution: int = 256) -> VQGANConfig:
+    """Read the architecture off a taming state dict's names and shapes (arrays or shape
+    tuples); attention placement is relative to `resolution`, which the weights cannot tell."""
     def shape(key: str) -> tuple[int, ...]:
         if key not in state:
             raise CheckpointError(f"cannot infer the config: no {key!r} in the checkpoint")
-        return tuple(state[key].shape)
+        value = state[key]
+        return tuple(value.shape) if hasattr(value, "shape") else tuple(value)
 
     ch = shape("encoder.conv_in.weight")[0]
     levels = sorted({int(m.group(1)) for k in state if (m := re.match(r"encoder\.down\.(\d+)\.", k))})
+    if not levels:
+        raise CheckpointError("cannot infer the config: no encoder.down.<level> tensors (taming's "
+                              f"names); first names: {sorted(state)[:5]}")
     ch_mult = tuple(shape(f"encoder.down.{i}.block.0.conv1.weight")[0] // ch for i in levels)
     num_res_blocks = len({k.split(".")[4] for k in state if k.startswith("encoder.down.0.block.")})
     attn = tuple(
@@ -183,6 +155,20 @@ def infer_taming_config(state: Mapping[str, np.ndarray], resolution: int = 256) 
     )
 
 
+def load_taming_state_dict(ckpt_path: str | os.PathLike, *, unsafe_pickle: bool = False) -> dict:
+    """The `state_dict` of a taming .ckpt/.pt file as numpy arrays (weights-only unpickling;
+    see `sourcefiles.read_source`)."""
+    return read_source(ckpt_path, unsafe_pickle=unsafe_pickle).state
+
+
+def taming_to_flax(state: Mapping[str, np.ndarray], config: VQGANConfig, origin: str) -> dict:
+    """`to_flax` with `origin` (a file name) in front of any error."""
+    try:
+        return to_flax(state, config)
+    except CheckpointError as err:
+        raise CheckpointError(f"{origin}: {err}") from err
+
+
 def convert_taming_checkpoint(
     ckpt_path: str | os.PathLike,
     output_dir: str | os.PathLike,
@@ -196,16 +182,17 @@ def convert_taming_checkpoint(
     `config`: a VQGANConfig, a taming yaml path, or None to read the architecture off the
     weights. `value_range`: taming trains on [-1, 1]; change it only if you know otherwise.
     """
-    state = load_taming_state_dict(ckpt_path, unsafe_pickle=unsafe_pickle)
-    if config is None:
-        try:
-            config = infer_taming_config(state)
-        except (TypeError, ValueError) as err:
-            raise CheckpointError(f"{os.fspath(ckpt_path)}: {err}; pass config= (a taming yaml)") from err
-    elif not isinstance(config, VQGANConfig):
-        config = VQGANConfig.from_taming_yaml(config)
-    config = config.replace(value_range=tuple(value_range))
-    shapes = param_shapes(config)
-    params = _to_flax(state, shapes, origin=os.fspath(ckpt_path))
-    return checkpoints.save(output_dir, config, params, shapes)
-
+    source = read_source(ckpt_path, unsafe_pickle=unsafe_pickle)
+    origin = os.fspath(ckpt_path)
+    try:
+        if config is None:
+            config = infer_taming_config(source.shapes)
+        elif not isinstance(config, VQGANConfig):
+            config = VQGANConfig.from_taming_yaml(config)
+    except CheckpointError as err:
+        raise CheckpointError(f"{origin}: {err}") from err
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{origin}: {err}; pass config= (a taming yaml)") from err
+    config = config.replace(family=FAMILY, value_range=tuple(value_range))
+    params = taming_to_flax(source.state, config, origin)
+    return checkpoints.save(output_dir, config, params, param_shapes(config))

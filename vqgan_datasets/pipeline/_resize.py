@@ -71,6 +71,36 @@ FAST_DESCRIPTION = (
 )
 
 
+# The tokenizer families' own preprocessing, by name, and what each does (for token records).
+FAMILY_PREPROCESSING: tuple[str, ...] = (
+    "lanczos_center_crop", "adm_center_crop", "opencv_linear_center_crop",
+    "torchvision_bilinear_center_crop",
+)
+METHOD_DESCRIPTIONS = {
+    "lanczos_center_crop": "full decode; shortest side to image_size, LANCZOS; center crop "
+    "(the seed's)",
+    "adm_center_crop": "full decode; BOX halving while the shortest side >= 2*image_size, "
+    "BICUBIC to image_size, center crop at floor offsets (ADM center_crop_arr)",
+    "opencv_linear_center_crop": "full decode; OpenCV INTER_LINEAR to image_size, center crop "
+    "at floor offsets (albumentations SmallestMaxSize + CenterCrop)",
+    "torchvision_bilinear_center_crop": "full decode; shortest side to image_size, the other "
+    "truncated, PIL BILINEAR; center crop (torchvision Resize + CenterCrop)",
+}
+
+
+def resize_by_mode(image: Image.Image, image_size: int, mode: str, *,
+                   size: tuple[int, int] | None = None, box: Box | None = None) -> np.ndarray:
+    """The resize and crop of preprocessing ``mode`` ("exact" and "fast" are ``resize_crop``'s,
+    with its ``size`` and ``box``; a family's own mode reads the image as it is)."""
+    if mode == "adm_center_crop":
+        return adm_center_crop(image, image_size)
+    if mode == "opencv_linear_center_crop":
+        return opencv_linear_center_crop(image, image_size)
+    if mode == "torchvision_bilinear_center_crop":
+        return torchvision_bilinear_center_crop(image, image_size)
+    return resize_crop(image, image_size, fast=mode == "fast", size=size, box=box)
+
+
 def target_size(width: int, height: int, image_size: int) -> tuple[int, int]:
     """The seed's resize target; Python's round (half to even) on purpose, as the seed."""
     r = image_size / min(width, height)
@@ -109,6 +139,93 @@ def resize_crop(
     filters = COARSE_FILTERS if coarse else FAST_FILTERS  # drafted to 1/4 or 1/8
     resample = next(f for below, f in filters if min(sx, sy) < below)
     return _rgb_array(image.resize((s, s), resample, box=region))
+
+
+def adm_center_crop(image: Image.Image, image_size: int) -> np.ndarray:
+    """ADM's ``center_crop_arr`` (LlamaGen's and TiTok's extraction) -> uint8 ``(S, S, 3)``.
+
+    While the shortest side is at least 2S the image is halved (sides floor-divided) with BOX;
+    then BICUBIC to ``round(side * S / shortest)`` (Python's round); then the crop at offsets
+    ``(side - S) // 2``. Beyond ``FULL_RESIZE_LIMIT`` the bicubic pass reads the crop region only.
+    """
+    s = image_size
+    while min(image.size) >= 2 * s:
+        image = image.resize((image.width // 2, image.height // 2), Image.Resampling.BOX)
+    tw, th = target_size(*image.size, s)
+    left, top = (tw - s) // 2, (th - s) // 2
+    if tw * th > FULL_RESIZE_LIMIT * s * s:
+        sx, sy = image.width / tw, image.height / th
+        region = (left * sx, top * sy, (left + s) * sx, (top + s) * sy)
+        return _rgb_array(image.resize((s, s), Image.Resampling.BICUBIC, box=region))
+    if image.size != (tw, th):
+        image = image.resize((tw, th), Image.Resampling.BICUBIC)
+    return _rgb_array(image)[top:top + s, left:left + s].copy()
+
+
+def torchvision_bilinear_center_crop(image: Image.Image, image_size: int) -> np.ndarray:
+    """torchvision's ``Resize(S)`` + ``CenterCrop(S)`` on a PIL image (SEED-Voken's
+    Open-MAGVIT2 data code) -> uint8 ``(S, S, 3)``: the shortest side to S and the other to
+    ``int(S * long / short)`` (truncated), PIL BILINEAR, crop at ``int(round((side - S) / 2))``.
+    Beyond ``FULL_RESIZE_LIMIT`` only the crop region is resampled."""
+    s = image_size
+    w, h = image.size
+    short, long = min(w, h), max(w, h)
+    other = int(s * long / short)
+    tw, th = (s, other) if w <= h else (other, s)
+    left, top = int(round((tw - s) / 2.0)), int(round((th - s) / 2.0))
+    bilinear = Image.Resampling.BILINEAR
+    if tw * th > FULL_RESIZE_LIMIT * s * s:
+        sx, sy = w / tw, h / th
+        region = (left * sx, top * sy, (left + s) * sx, (top + s) * sy)
+        return _rgb_array(image.resize((s, s), bilinear, box=region))
+    if (tw, th) != image.size:
+        image = image.resize((tw, th), bilinear)
+    return _rgb_array(image)[top:top + s, left:left + s].copy()
+
+
+def opencv_linear_center_crop(image: Image.Image, image_size: int) -> np.ndarray:
+    """albumentations' ``SmallestMaxSize`` + ``CenterCrop`` (SEED-Voken's IBQ data code) ->
+    uint8 ``(S, S, 3)``: OpenCV's INTER_LINEAR resize (no antialiasing) to
+    ``round(side * S / shortest)``, then the crop at offsets ``(side - S) // 2``.
+
+    OpenCV's fixed-point resize is only reproduced by OpenCV itself, so this needs
+    ``opencv-python-headless``. Beyond ``FULL_RESIZE_LIMIT`` only the crop region is sampled
+    (``cv2.remap`` at the same coordinates; its weights are 1/32 steps, a level or two off).
+    """
+    cv2 = _opencv()
+    s = image_size
+    tw, th = target_size(*image.size, s)
+    left, top = (tw - s) // 2, (th - s) // 2
+    if tw * th > FULL_RESIZE_LIMIT * s * s:
+        # OpenCV's source coordinate of output pixel d: (d + 0.5) * (W / W') - 0.5, clamped;
+        # only the source rectangle those coordinates read is converted and sampled.
+        xs = np.clip((np.arange(left, left + s) + 0.5) * (image.width / tw) - 0.5,
+                     0, image.width - 1)
+        ys = np.clip((np.arange(top, top + s) + 0.5) * (image.height / th) - 0.5,
+                     0, image.height - 1)
+        x0, y0 = int(xs[0]), int(ys[0])
+        x1, y1 = min(image.width, int(xs[-1]) + 2), min(image.height, int(ys[-1]) + 2)
+        pixels = _rgb_array(image.crop((x0, y0, x1, y1)))
+        map_x = np.broadcast_to((xs - x0).astype(np.float32)[None, :], (s, s))
+        map_y = np.broadcast_to((ys - y0).astype(np.float32)[:, None], (s, s))
+        return cv2.remap(pixels, np.ascontiguousarray(map_x), np.ascontiguousarray(map_y),
+                         cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+    pixels = _rgb_array(image)  # three channels first: OpenCV's SIMD lanes depend on them
+    if (tw, th) != image.size:
+        pixels = cv2.resize(pixels, (tw, th), interpolation=cv2.INTER_LINEAR)
+    return np.ascontiguousarray(pixels[top:top + s, left:left + s])
+
+
+def _opencv():
+    try:
+        import cv2
+    except ImportError:
+        raise ImportError(
+            "preprocess 'opencv_linear_center_crop' (IBQ's own preprocessing) needs OpenCV: "
+            "pip install opencv-python-headless, or pass preprocess='lanczos_center_crop' "
+            "(other pixels, so other tokens than IBQ's own code makes)"
+        ) from None
+    return cv2
 
 
 def _lanczos_region(image: Image.Image, s: int, region: Box) -> Image.Image:
