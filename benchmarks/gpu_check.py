@@ -56,7 +56,7 @@ from throughput import (  # noqa: E402
 )
 
 from vqgan_datasets.models.config import VQGANConfig, f16_16384  # noqa: E402
-from vqgan_datasets.models.modeling import VQGAN, module_from_config  # noqa: E402
+from vqgan_datasets.models.modeling import module_from_config  # noqa: E402
 
 TINY = VQGANConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(16,), resolution=32,
                    z_channels=32, embed_dim=32, n_embed=1024)
@@ -161,8 +161,7 @@ def ours(config: VQGANConfig, dtype, precision: str = "default") -> Impl:
     module = module_from_config(config, jnp.dtype(dtype))
 
     def fn(op: str) -> Callable:
-        method = VQGAN.encode if op == "encode" else VQGAN.decode
-        return lambda p, x: module.apply({"params": p}, x, method=method)
+        return lambda p, x: module.apply({"params": p}, x, method=op)
 
     short = {"float32": "f32", "bfloat16": "bf16"}[jnp.dtype(dtype).name]
     label = f"ours {short}" + (" highest" if precision == "highest" else
@@ -285,6 +284,46 @@ def taming_rows(args, reference, inputs, table, outputs) -> None:
         except Exception as error:  # noqa: BLE001
             table.row(op, batch, name, None, note=f"failed: {type(error).__name__}: "
                       f"{str(error).splitlines()[0][:160]}")
+
+
+def family_rows(args) -> None:
+    """Each tokenizer family's published architecture (benchmarks/families.py), model only,
+    our random init: encode (quantizer included) and decode, bf16 and f32 default, first batch."""
+    from families import BENCHES
+
+    from vqgan_datasets.models.modeling import init_params
+
+    batch = args.batches[0]
+    say(f"\n### Tokenizer families, model only, batch {batch}\n")
+    table = Table(args.peak_tflops, None)
+    for name, bench in BENCHES.items():
+        try:
+            config = (TINY.replace(family=name) if args.tiny
+                      else bench.config(argparse.Namespace(ch=None)))
+            params = jax.device_put(init_params(config, args.seed))
+            size = config.resolution
+            grid = config.grid_shape(size)
+            pixels = to_model_range(synthetic_images(batch, size, args.seed))
+            latents = np.random.default_rng(args.seed).normal(
+                0, 1, (batch, *grid, config.embed_dim)).astype(np.float32)
+            inputs = {"encode": jax.device_put(pixels), "decode": jax.device_put(latents)}
+        except Exception as error:  # noqa: BLE001 - report and go on to the next family
+            say(f"| - | {batch} | {name} | - | - | - | - | failed: {type(error).__name__}: "
+                f"{str(error).splitlines()[0][:160]} |")
+            continue
+        for dtype in (jnp.bfloat16, jnp.float32):
+            impl = ours(config, dtype)
+            impl.name = f"{name} {impl.name.removeprefix('ours ')}"
+            for op in ("encode", "decode"):
+                if elapsed() > args.budget_s + 60:
+                    table.row(op, batch, impl.name, None, note="skipped: past --budget-s + 60")
+                    continue
+                try:
+                    speed, compile_s, _ = run_jax(impl, op, batch, params, inputs, args)
+                    table.row(op, batch, impl.name, speed, compile_s)
+                except Exception as error:  # noqa: BLE001
+                    table.row(op, batch, impl.name, None, note=f"failed: {type(error).__name__}: "
+                              f"{str(error).splitlines()[0][:160]}")
 
 
 def agreement(outputs: dict, batch: int) -> None:
@@ -485,6 +524,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="start no model row after this many seconds (the model part then "
                         "ends within about 4 minutes)")
     parser.add_argument("--e2e", action="store_true", help="also time JPEG bytes -> tokens")
+    parser.add_argument("--families", action="store_true",
+                        help="also time each tokenizer family's model (benchmarks/families.py)")
     parser.add_argument("--e2e-images", type=int, default=1024)
     parser.add_argument("--e2e-dtype", default="float32")
     parser.add_argument("--e2e-engine-workers", type=int, default=None,
@@ -553,6 +594,8 @@ def main(argv=None) -> int:
     if with_torch:
         taming_rows(args, reference, inputs, table, outputs)
     agreement(outputs, args.batches[0])
+    if args.families:
+        family_rows(args)
     say(f"\nmodel rows done at {elapsed():.0f}s")
     if args.e2e:
         e2e_rows(args, config, jax.device_get(params))

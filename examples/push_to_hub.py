@@ -1,31 +1,27 @@
-"""Tokenize an image dataset and publish the tokens on the Hugging Face Hub, metadata included.
+"""Tokenize an image dataset and publish the tokens on the Hugging Face Hub, record included.
 
     python examples/push_to_hub.py --model flax-community/vqgan_f16_16384 \
         --dataset-dir ./my_images --repo-id ORG/NAME
 
 `--dataset-dir` is a dataset saved with `save_to_disk` (a Dataset or a DatasetDict) with an
-"image" column (`--image-column` otherwise). Pushing needs a Hugging Face token with write access
-to ORG/NAME, in HF_TOKEN or from `hf auth login`. The files are written by `write_hub_files`
-(the layout `push_to_hub` uses: `data/{split}-00000-of-00001.parquet` shards and a README.md
-card, which replaces the repo's README.md) and uploaded in one commit; `--dry-run DIR` uploads nothing and leaves them in DIR, where
-`datasets.load_dataset(DIR)` reads them as it would read the Hub repo.
+"image" column (`--image-column` otherwise). The two steps are the CLI's `encode` and `push`
+(`vqgan-datasets encode DIR tokens/` then `vqgan-datasets push tokens/ ORG/NAME`): parquet files
+under data/ and a README.md card, both carrying the tokenizer record, uploaded in several
+commits, so that rerunning after an interruption sends only what the repo lacks. Pushing needs
+a token with write access to ORG/NAME (`hf auth login`, or HF_TOKEN). `--dry-run DIR` uploads
+nothing and writes the files into DIR, where `load_dataset(DIR)` reads them as it would the repo.
 
-The tokenizer record travels in the card and in every parquet file's schema metadata, so
-anyone can decode the result without knowing which model made it:
+Reading the tokens back, anywhere:
 
-    ds = load_dataset("ORG/NAME", split="train")           # the card's record
-    images = ds.with_transform(VQGANDetokenizer.from_dataset(ds))
-    stream = load_dataset("parquet", data_files="hf://datasets/ORG/NAME/data/*.parquet",
-                          split="train", streaming=True)   # the files' record
-    detok = VQGANDetokenizer.from_dataset(stream)
-    detok = VQGANDetokenizer.from_dataset("DIR/data/*.parquet")   # files on disk
+    ds = load_dataset("ORG/NAME", split="train")
+    images = VQGANDetokenizer.from_dataset(ds).apply(ds)
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
-import os
 import tempfile
 
 
@@ -37,39 +33,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repo-id", required=True, help="the Hub dataset repo, ORG/NAME")
     parser.add_argument("--dry-run", metavar="DIR", help="write the files here instead of pushing")
     parser.add_argument("--image-column", default="image")
-    parser.add_argument("--image-size", type=int, default=None,
-                        help="default: the model's resolution")
     parser.add_argument("--on-error", choices=("raise", "skip", "null"), default="raise")
     parser.add_argument("--private", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
-    from datasets import load_from_disk
+    from vqgan_datasets.jobs.commands import encode
+    from vqgan_datasets.jobs.push import push
 
-    from vqgan_datasets.hf import VQGANTokenizer, write_hub_files
-
-    dataset = load_from_disk(args.dataset_dir)
-    tokenizer = VQGANTokenizer(args.model, image_column=args.image_column,
-                               image_size=args.image_size, on_error=args.on_error)
-    # map(batched=True) + the tokenizer's metadata in dataset.info (see vqgan_datasets.hf).
-    tokens = tokenizer.apply(dataset)
-
-    if args.dry_run:
-        for path in write_hub_files(tokens, args.dry_run):
-            print(path)
-        return 0
-
-    from huggingface_hub import HfApi
-
-    api = HfApi(token=os.environ.get("HF_TOKEN"))  # None: the `hf auth login` token
-    api.create_repo(args.repo_id, repo_type="dataset", private=args.private, exist_ok=True)
-    with tempfile.TemporaryDirectory() as folder:
-        write_hub_files(tokens, folder)
-        # One commit: the shards (replacing an earlier push's) and the card with the record.
-        api.upload_folder(repo_id=args.repo_id, repo_type="dataset", folder_path=folder,
-                          delete_patterns=["data/*.parquet"],
-                          commit_message="Upload VQGAN tokens (vqgan_datasets)")
-    print(f"https://huggingface.co/datasets/{args.repo_id}")
+    with tempfile.TemporaryDirectory() as tokens:
+        encode(args.dataset_dir, tokens, model=args.model, image_column=args.image_column,
+               on_error=args.on_error, progress=False)
+        summary = push(tokens, args.repo_id, dry_run=args.dry_run, private=args.private)
+    print(json.dumps(summary, indent=2))
     return 0
 
 

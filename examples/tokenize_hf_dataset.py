@@ -1,7 +1,7 @@
 """Tokenize a Hugging Face image dataset with `ds.map(vqgan_tokenize, batched=True)`.
 
     python examples/tokenize_hf_dataset.py --model flax-community/vqgan_f16_16384 \
-        --images examples/images --output tokens/
+        --images vqgan_datasets/_demo/images --output tokens/
 
 `--images` is a folder of images (read with datasets' imagefolder builder); the tokens are saved
 with `save_to_disk`. Run it twice: the second run loads the token column from datasets' cache

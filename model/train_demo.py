@@ -1,14 +1,18 @@
-"""Train the bundled demo VQGAN (model/demo) on CPU from the photos that pip packages ship.
+"""Train the demo VQGAN installed with the package (vqgan_datasets/_demo/model) on CPU from the
+photos that pip packages ship.
 
 A small f8 VQGAN of the project's own architecture (`vqgan_datasets.models.modeling`), trained with
 L2 + L1 reconstruction, codebook and commitment losses (straight-through estimator) and dead-code
 re-seeding. No perceptual or adversarial loss: both need downloaded weights or far more compute.
 It is a demo for offline quickstarts and tests, not a tokenizer for real use.
 
-    python model/train_demo.py --out model/demo --card --minutes 28  # the committed checkpoint
-    python model/train_demo.py --tiny --steps 3 --out /tmp/x          # a smoke run in seconds
+    python model/train_demo.py --out vqgan_datasets/_demo/model --card-dir model/demo --card \
+        --minutes 28                                          # the committed checkpoint
+    python model/train_demo.py --tiny --steps 3 --out /tmp/x  # a smoke run in seconds
 
-model/demo/README.md (written with --card) records what it was trained on and what it measures.
+--out gets config.json and model.safetensors (the package data); --card-dir gets
+train_stats.json and, with --card, the model card README.md (model/demo/README.md records what
+the committed checkpoint was trained on and what it measures).
 """
 
 from __future__ import annotations
@@ -340,7 +344,10 @@ def codebook_usage(codes: np.ndarray, n_embed: int) -> dict:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default="model/demo", help="checkpoint directory to write")
+    parser.add_argument("--out", default="vqgan_datasets/_demo/model",
+                        help="checkpoint directory to write (config.json, model.safetensors)")
+    parser.add_argument("--card-dir", help="where train_stats.json and the card go "
+                        "(default: --out)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--minutes", type=float, default=None,
@@ -393,7 +400,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     config = settings.model_config()
     model = VQModel(config, result.params)
     out = Path(args.out)
-    model.save_pretrained(str(out))
+    model.save_pretrained(str(out), formats=("safetensors",))  # one weights file in the wheel
     train_eval = evaluate(model, photos[:n_color])
     held = evaluate(model, load_photos(HELDOUT_PHOTOS))
     usage_held = codebook_usage(held["codes"], config.n_embed)
@@ -421,9 +428,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
     }
     stats["command"] = " ".join(["python model/train_demo.py", *(sys.argv[1:] if argv is None
                                                                  else argv)])
-    (out / "train_stats.json").write_text(json.dumps(stats, indent=2) + "\n", encoding="utf-8")
+    card_dir = Path(args.card_dir) if args.card_dir else out
+    card_dir.mkdir(parents=True, exist_ok=True)
+    (card_dir / "train_stats.json").write_text(json.dumps(stats, indent=2) + "\n",
+                                               encoding="utf-8")
     if args.card:
-        (out / "README.md").write_text(model_card(stats, out), encoding="utf-8")
+        (card_dir / "README.md").write_text(model_card(stats, out), encoding="utf-8")
     logger.info("PSNR train %.2f dB, held-out %.2f dB; held-out codes %d/%d, perplexity %.1f",
                 stats["psnr_train"], stats["psnr_heldout"], usage_held["used"], config.n_embed,
                 usage_held["perplexity"])
@@ -433,7 +443,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
 def model_card(stats: dict, out: Path) -> str:
     """The demo's README.md, filled in from its train_stats.json."""
     s = stats["settings"]
-    size_mb = sum(f.stat().st_size for f in out.iterdir() if f.name != "README.md") / 2**20
+    size_mb = sum(f.stat().st_size for f in out.iterdir()
+                  if f.name in ("config.json", "model.safetensors")) / 2**20
     usage_h, usage_a = stats["codebook_usage_heldout"], stats["codebook_usage_all_eval"]
     each = lambda d: ", ".join(f"{k} {v:.2f}" for k, v in d.items())  # noqa: E731
     grid = s["resolution"] // 2 ** (len(s["ch_mult"]) - 1)
@@ -458,8 +469,9 @@ its tokens mean nothing to any other model. For real work use a real VQGAN such 
 
 ## Architecture
 
-Our Flax VQGAN (`vqgan_datasets.models.modeling.VQGAN`, taming-transformers' layout), loaded with
-`VQModel.from_pretrained("model/demo")`:
+Our Flax VQGAN (`vqgan_datasets.models.modeling.VQGAN`, taming-transformers' layout), installed
+with the package (`vqgan_datasets/_demo/model`) and loaded with
+`VQModel.from_pretrained(DEMO_MODEL)` after `from vqgan_datasets.jobs.demo import DEMO_MODEL`:
 
 | field | value |
 |---|---|
@@ -469,7 +481,7 @@ Our Flax VQGAN (`vqgan_datasets.models.modeling.VQGAN`, taming-transformers' lay
 | norm_groups | {s["norm_groups"]} (taming uses 32 with ch=128, i.e. 4 channels per group; so does this) |
 | resolution | {s["resolution"]} → a {grid}×{grid} token grid |
 | value_range | [-1, 1] (pixels x/127.5 − 1, as taming) |
-| parameters | {stats["params"]:,} ({size_mb:.1f} MB for config.json + model.safetensors + flax_model.msgpack) |
+| parameters | {stats["params"]:,} ({size_mb:.1f} MB for config.json + model.safetensors) |
 
 ## Training
 

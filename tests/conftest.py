@@ -103,7 +103,7 @@ def shards(samples, tmp_path_factory):
     return root, make_shards(root, samples)
 
 
-SAMPLES = Path(__file__).resolve().parents[1] / "examples" / "images"
+SAMPLES = Path(__file__).resolve().parents[1] / "vqgan_datasets" / "_demo" / "images"
 
 
 @pytest.fixture(scope="module")

@@ -14,8 +14,8 @@ import pytest
 
 from vqgan_datasets import cli
 
-COMMANDS = ("demo", "encode", "decode", "preview", "report", "convert", "info")
-SAMPLES = Path(__file__).resolve().parents[1] / "examples" / "images"
+COMMANDS = ("demo", "encode", "decode", "preview", "report", "convert", "info", "push", "verify")
+SAMPLES = Path(__file__).resolve().parents[1] / "vqgan_datasets" / "_demo" / "images"
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -50,7 +50,9 @@ def test_encode_decode_info_through_the_cli(tmp_path, tiny_model_dir, capsys):
     assert cli.main(["decode", str(tmp_path / "t"), str(tmp_path / "d"), "--limit", "2"]) == 0
     assert json.loads(capsys.readouterr().out)["images"] == 2
     assert cli.main(["info", "--model", str(tiny_model_dir)]) == 0
-    assert json.loads(capsys.readouterr().out)["token_dtype"] == "uint8"
+    info = json.loads(capsys.readouterr().out)
+    assert (info["token_dtype"], info["family"], info["preprocess"]) == (
+        "uint16", "taming", "lanczos_center_crop")
 
 
 def test_convert_through_the_cli(tmp_path, tiny_model, capsys):
@@ -223,3 +225,155 @@ def test_encode_a_dataset_with_bad_images(tmp_path, tiny_model_dir, capsys):
     assert (summary["rows_in"], summary["encoded"], summary["nulls"]) == (2, 1, 1)
     assert cli.main(["encode", *args[:1], str(tmp_path / "t2"), *args[2:]]) == 1
     assert "broken.png" in capsys.readouterr().err
+
+
+def test_the_raise_message_gives_cli_advice(tmp_path, tiny_model_dir, capsys):
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "good.png").write_bytes(_png(5))
+    (images / "broken.png").write_bytes(b"not a png")
+    assert cli.main(["encode", str(images), str(tmp_path / "t"), "--model", str(tiny_model_dir),
+                     "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "broken.png" in err and "--on-error skip" in err and "--on-error null" in err
+    assert "with_indices" not in err and "map(" not in err
+
+
+# ------------------------------------------------------------------------------ outputs vs inputs
+
+
+def test_an_output_that_is_an_input_is_refused_before_reading(tmp_path, monkeypatch, capsys):
+    """Exit 2 naming both paths, however spelled, for every job; nothing read or written (the
+    model is not even looked up), the input left as it was."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "ip").mkdir()
+    _tar(tmp_path / "ip" / "00000.tar", [{"__key__": "s0", "png": _png(0)}])
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "a.png").write_bytes(_png(1))
+    (tmp_path / "link").symlink_to(tmp_path / "photos")
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    model = ["--model", str(tmp_path / "no-such-model")]
+    cases = [
+        ["encode", "ip/00000.tar", "ip"],
+        ["encode", str(tmp_path / "ip" / "00000.tar"), "./ip/../ip"],
+        ["encode", f"file://{tmp_path}/ip/00000.tar", "ip/"],
+        ["encode", "photos", "photos"],
+        ["encode", "photos", "link"],
+        ["decode", "ip", "ip"],
+        ["decode", "ip/00000.tar", str(tmp_path)],
+        ["preview", "photos", "link/a.png"],
+        ["report", "photos", "."],
+    ]
+    for argv in cases:
+        assert cli.main([*argv, *model, "--quiet"]) == cli.EXIT_USAGE == 2, argv
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and "input" in err, (argv, err)
+        assert argv[1].rstrip("/").split("/")[-1] in err, (argv, err)
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
+def test_values_out_of_range_are_usage_errors_and_version(capsys):
+    for argv in (["decode", "t", "d", "--limit", "-1"], ["preview", "i", "o.png", "-n", "0"],
+                 ["preview", "i", "o.png", "-n", "-3"], ["encode", "i", "o", "--batch-size", "-1"],
+                 ["encode", "i", "o", "--workers", "-2"], ["report", "i", "o", "--max-samples",
+                                                            "0"],
+                 ["encode", "i", "o", "--gpus-per-actor", "-1"], ["decode", "t", "d", "--limit",
+                                                                  "x"]):
+        with pytest.raises(SystemExit) as info:
+            cli.main(argv)
+        assert info.value.code == 2, argv
+        assert "expected a" in capsys.readouterr().err
+    # Checked after parsing, before any work: still a usage error.
+    assert cli.main(["encode", "i", "o", "--image-column", ""]) == 2
+    assert "image_field" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:
+        cli.main(["--version"])
+    assert info.value.code == 0
+    from vqgan_datasets import __version__
+
+    assert capsys.readouterr().out.strip() == f"vqgan-datasets {__version__}"
+
+
+# ------------------------------------------------------------------------------ verify, overwrite
+
+
+def test_verify_names_each_bad_shard_and_a_rerun_redoes_them(shard_run, tiny_model_dir, tmp_path,
+                                                             capsys):
+    import shutil
+
+    _, _, out = shard_run
+    copy = tmp_path / "tok"
+    shutil.copytree(out, copy)
+    good = out.parent / "in" / "shard-{00000..00001}.tar"
+    assert cli.main(["encode", str(good), str(copy), "--model", str(tiny_model_dir),
+                     "--quiet"]) == 0  # the failed shards are no longer asked for
+    capsys.readouterr()
+    assert cli.main(["verify", str(copy)]) == 0
+    assert json.loads(capsys.readouterr().out)["shards_ok"] == 2
+    first = copy / "shard-00000.tar"
+    data = first.read_bytes()
+    first.write_bytes(data[:-1024])  # truncated
+    second = copy / "shard-00001.tar"
+    damaged = bytearray(second.read_bytes())
+    damaged[600] ^= 1
+    second.write_bytes(bytes(damaged))
+    assert cli.main(["verify", str(copy)]) == cli.EXIT_INCOMPLETE
+    summary = json.loads(capsys.readouterr().out)
+    bad = {Path(s["output"]).name: s["error"] for s in summary["bad_shards"]}
+    assert set(bad) == {"shard-00000.tar", "shard-00001.tar"}
+    assert "truncated" in bad["shard-00000.tar"] and "sha256" in bad["shard-00001.tar"]
+    # The rerun converts them again, and settings that differ name --overwrite.
+    assert cli.main(["encode", str(good), str(copy), "--model", str(tiny_model_dir),
+                     "--quiet"]) == 0
+    assert json.loads(capsys.readouterr().out)["shards_written"] == 2
+    assert first.read_bytes() == data
+    assert cli.main(["verify", str(copy)]) == 0
+    capsys.readouterr()
+    assert cli.main(["encode", str(good), str(copy), "--model", str(tiny_model_dir),
+                     "--keep-image", "--quiet"]) == 1
+    assert "--overwrite" in capsys.readouterr().err
+    assert cli.main(["encode", str(good), str(copy), "--model", str(tiny_model_dir),
+                     "--keep-image", "--overwrite", "--quiet"]) == 0
+    assert json.loads(capsys.readouterr().out)["shards_written"] == 2
+
+
+# ------------------------------------------------------------------------------ SIGTERM
+
+
+def test_sigterm_stops_like_ctrl_c_with_summary_manifest_and_exit_143(tmp_path, tiny_model_dir):
+    """What docker stop, Kubernetes, SLURM and `timeout` send: the run stops, the shard in
+    progress leaves no temporary file or claim, the manifest and the summary say what was
+    done, the exit status is 143, and the worker processes end too."""
+    import os
+    import signal
+    import time
+
+    from conftest import alive
+
+    (tmp_path / "in").mkdir()
+    for i in range(6):
+        _tar(tmp_path / "in" / f"{i}.tar",
+             [{"__key__": f"k{i}-{j}", "png": _png(10 * i + j)} for j in range(12)])
+    out = tmp_path / "out"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "vqgan_datasets.cli", "encode", str(tmp_path / "in" / "{0..5}.tar"),
+         str(out), "--model", str(tiny_model_dir), "--workers", "1", "--batch-size", "2",
+         "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while not (out / "0.stats.json").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    children = [int(c) for t in os.listdir(f"/proc/{process.pid}/task")
+                for c in Path(f"/proc/{process.pid}/task/{t}/children").read_text().split()]
+    assert children, "the encode runs its image workers as processes"
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == cli.EXIT_TERMINATED == 143, stderr
+    summary = json.loads(stdout)
+    assert summary["interrupted"] is True and summary["complete"] is False
+    assert 1 <= summary["shards"] < 6 and summary["manifest"] == str(out / "manifest.json")
+    assert "terminated" in stderr and "Traceback" not in stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["shards_written"] == summary["shards_written"]
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # temp files, claims
+    time.sleep(1)
+    assert not [pid for pid in children if alive(pid)]

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
-SAMPLES = ROOT / "examples" / "images"
+SAMPLES = ROOT / "vqgan_datasets" / "_demo" / "images"
 
 
 def _example(name: str):

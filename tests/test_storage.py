@@ -188,3 +188,39 @@ def test_create_exclusive_leaves_no_temporary_file_when_the_disk_is_full(tmp_pat
         storage.create_exclusive(target, b"record")
     assert info.value.errno == errno.ENOSPC and target in str(info.value)
     assert os.listdir(tmp_path) == []
+
+
+# ------------------------------------------------------------------------------ pipe: sources
+
+
+@pytest.mark.parametrize("command,status", [("false", 1), ("exit 3", 3),
+                                            ("cat {tar}; exit 4", 4),  # a whole tar, then fails
+                                            ("head -c 3000 {tar}; exit 5", 5)])
+def test_a_failing_pipe_command_names_its_exit_status(tmp_path, command, status):
+    url = write_tar(tmp_path / "s.tar", make_samples()[:3])
+    command = command.format(tar=url)
+    with pytest.raises(storage.ShardReadError) as info:
+        list(storage.read_shard(f"pipe:{command}", on_skip=lambda member: None))
+    assert f"the command {command!r} exited with status {status}" in str(info.value)
+    assert len(list(storage.read_shard(f"pipe:cat {url}"))) == 3  # a command that succeeds
+
+
+def test_a_pipe_left_early_is_stopped_without_a_traceback(tmp_path):
+    """Reading stops (the shard failed): the command is killed and waited for, quietly."""
+    url = write_tar(tmp_path / "s.tar", make_samples()[:3])
+    code = (
+        "import os\n"
+        "from vqgan_datasets import storage\n"
+        "def children():\n"
+        "    tasks = os.listdir('/proc/self/task')\n"
+        "    return sum(len(open(f'/proc/self/task/{t}/children').read().split()) for t in tasks)\n"
+        f"samples = storage.read_shard('pipe:while true; do cat {url}; done')\n"
+        "next(samples)\n"
+        "print(children())\n"
+        "samples.close()\n"
+        "print(children())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0 and out.stdout.split() == ["1", "0"], out.stderr
+    assert "Traceback" not in out.stderr and "BrokenPipe" not in out.stderr

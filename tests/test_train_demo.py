@@ -1,4 +1,5 @@
-"""The bundled demo checkpoint (model/demo) and the script that trains it (model/train_demo.py)."""
+"""The demo checkpoint installed with the package (vqgan_datasets/_demo/model, its card and stats
+in model/demo) and the script that trains it (model/train_demo.py)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ import numpy as np
 from vqgan_datasets.models.modeling import VQModel
 
 ROOT = Path(__file__).resolve().parents[1]
-DEMO = ROOT / "model" / "demo"
+DEMO = ROOT / "vqgan_datasets" / "_demo" / "model"
+CARD = ROOT / "model" / "demo"
 
 
 def _load_script():
@@ -29,10 +31,11 @@ td = _load_script()
 
 
 def test_demo_checkpoint_reconstructs_heldout_photos_as_reported():
-    stats = json.loads((DEMO / "train_stats.json").read_text(encoding="utf-8"))
+    stats = json.loads((CARD / "train_stats.json").read_text(encoding="utf-8"))
     model = VQModel.from_pretrained(str(DEMO))
     assert model.config.value_range == (-1.0, 1.0)
-    assert sum(f.stat().st_size for f in DEMO.iterdir()) <= 20 * 2**20
+    assert sorted(f.name for f in DEMO.iterdir()) == ["config.json", "model.safetensors"]
+    assert sum(f.stat().st_size for f in DEMO.iterdir()) <= 8 * 2**20  # package data
     result = td.evaluate(model, td.load_photos(td.HELDOUT_PHOTOS))
     assert result["psnr"] >= stats["psnr_heldout"] - 0.5
     assert result["codes"].shape == (2, np.prod(model.config.grid_shape()))
@@ -58,9 +61,11 @@ def test_reseed_resets_exactly_the_dead_codes():
 def test_training_script_is_deterministic(tmp_path):
     out = tmp_path / "demo"
     command = [sys.executable, str(ROOT / "model" / "train_demo.py"), "--tiny", "--steps", "3",
-               "--seed", "7", "--out", str(out), "--quiet", "--no-sklearn"]
+               "--seed", "7", "--out", str(out), "--card-dir", str(tmp_path / "card"), "--quiet",
+               "--no-sklearn"]
     subprocess.run(command, check=True, cwd=ROOT, timeout=120, capture_output=True)
-    stats = json.loads((out / "train_stats.json").read_text(encoding="utf-8"))
+    assert sorted(f.name for f in out.iterdir()) == ["config.json", "model.safetensors"]
+    stats = json.loads((tmp_path / "card" / "train_stats.json").read_text(encoding="utf-8"))
     assert stats["steps"] == 3 and stats["seed"] == 7
     saved = VQModel.from_pretrained(str(out))
 

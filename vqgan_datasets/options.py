@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from .pipeline.images import ImageDecodeError
+from .pipeline.images import PREPROCESS_MODES, ImageDecodeError
 
 __all__ = [
     "ON_ERROR",
@@ -40,9 +40,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 OnError = Literal["raise", "skip", "null"]
-Preprocess = Literal["exact", "fast"]
+Preprocess = str  # one of PREPROCESS_MODES
 ON_ERROR: tuple[str, ...] = ("raise", "skip", "null")
-PREPROCESS_MODES: tuple[str, ...] = ("exact", "fast")
 MAX_REPORTED_ERRORS = 100  # per shard / per stage; the counts stay exact beyond it
 
 # Older names of the three fields, per adapter: alias -> field.
@@ -62,10 +61,12 @@ class EncodeOptions:
 
     `image_size`: square side (None: the model's resolution). `batch_size`: images per device
     per step (None: the engine's default for the backend). `on_error`: "raise" | "skip" |
-    "null". `preprocess`: "exact" (the seed's pixels, the same for every input form) or "fast"
-    (DCT-scaled JPEG decode, a cheaper resize). `workers`: preprocessing processes (None: from
+    "null". `preprocess`: "exact" (the model family's own preprocessing, the same pixels for
+    every input form), "fast" (DCT-scaled JPEG decode, a cheaper resize), or a family's
+    preprocessing by name ("lanczos_center_crop", "adm_center_crop",
+    "opencv_linear_center_crop"). `workers`: preprocessing processes (None: from
     the cores; 0: threads in this process). `keep_image`: keep the image field next to the
-    tokens. `token_dtype`: None for the smallest unsigned dtype holding the codebook.
+    tokens. `token_dtype`: None for the model's (uint16 up to 65,536 codes, int32 above).
     The aliases above and `draft` (deprecated, ignored) are accepted as keywords.
     """
 

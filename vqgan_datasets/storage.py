@@ -34,16 +34,19 @@ from .tarsamples import (
 __all__ = [
     "DEFAULT_MAX_MEMBER_BYTES",
     "DEFAULT_MAX_SAMPLE_BYTES",
+    "PipeStream",
     "ShardReadError",
     "SkippedMember",
     "atomic_write",
     "create_exclusive",
     "exists",
     "expand_urls",
+    "file_size",
     "isdir",
     "join",
     "list_names",
     "makedirs",
+    "modified_after",
     "named_errors",
     "open_url",
     "owner_tag",
@@ -52,6 +55,7 @@ __all__ = [
     "read_shard",
     "register_fsspec",
     "remove",
+    "sha256",
     "split",
     "temp_prefix",
     "write_json",
@@ -104,8 +108,13 @@ def _gopen_handles(url: str) -> bool:
 
 
 def open_url(url: str) -> BinaryIO:
-    """A readable binary stream: local paths, file://, pipe:, webdataset's schemes, else fsspec."""
+    """A readable binary stream: local paths, file://, pipe:, webdataset's schemes, else fsspec.
+
+    A `pipe:` command's output ends with an OSError naming its exit status when it exits
+    non-zero (an empty or cut stream would otherwise look like a damaged tar)."""
     try:
+        if url.startswith("pipe:"):
+            return PipeStream(url[len("pipe:"):])
         if _gopen_handles(url):
             from webdataset.gopen import gopen
 
@@ -115,6 +124,49 @@ def open_url(url: str) -> BinaryIO:
         return fsspec.open(url, "rb").open()
     except Exception as e:
         raise ShardReadError(url, f"{type(e).__name__}: {e}") from e
+
+
+class PipeStream:
+    """The standard output of a shell command, read as a file; see `open_url`."""
+
+    def __init__(self, command: str) -> None:
+        import subprocess
+
+        self.command = command
+        self._process = subprocess.Popen(command, shell=True, stdin=subprocess.DEVNULL,
+                                         stdout=subprocess.PIPE, bufsize=1 << 16)
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._process.stdout.read(n)
+        if not data and n != 0:
+            self.check()
+        return data
+
+    def check(self) -> None:
+        """Read the output to its end and wait for the command; OSError if it failed."""
+        self._process.stdout.read()
+        self._process.wait()
+        self.raise_failure()
+
+    def raise_failure(self, timeout: float = 0) -> None:
+        """OSError naming the exit status if the command failed (waiting up to `timeout` s
+        for it to end; one still running has not failed yet)."""
+        import subprocess
+
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self._process.wait(timeout)
+        status = self._process.returncode
+        if status:
+            how = f"killed by signal {-status}" if status < 0 else f"exited with status {status}"
+            raise OSError(f"the command {self.command!r} {how}")
+
+    def close(self) -> None:
+        """Stop the command if it still runs (we stopped reading), quietly."""
+        if self._process.poll() is None:
+            self._process.kill()
+        with contextlib.suppress(Exception):
+            self._process.stdout.close()
+        self._process.wait()
 
 
 def _gopen_fsspec(url: str, mode: str = "rb", bufsize: int = 8192, **kw: Any) -> BinaryIO:
@@ -158,14 +210,29 @@ def read_shard(
     try:
         yield from read_tar_samples(stream, url, max_member_bytes=max_member_bytes,
                                     max_sample_bytes=max_sample_bytes, on_skip=skipped)
+        if isinstance(stream, PipeStream):  # a whole tar, then a failure: the shard failed
+            stream.check()
     except TarReadError as e:
-        raise ShardReadError(url, e.reason, e.offset) from e
+        raise ShardReadError(url, _pipe_reason(stream, e.reason), e.offset) from e
+    except OSError as e:
+        raise ShardReadError(url, str(e)) from e
     finally:
         with contextlib.suppress(Exception):
             stream.close()
         if counts and on_skip is None:
             logger.warning("%s: %d tar members are not samples (%s)", url, sum(counts.values()),
                            ", ".join(f"{r}: {n}" for r, n in sorted(counts.items())))
+
+
+def _pipe_reason(stream: Any, reason: str) -> str:
+    """A pipe's damaged stream is first of all its command's failure, when it failed."""
+    if not isinstance(stream, PipeStream) or "the command" in reason:
+        return reason
+    try:
+        stream.raise_failure(timeout=2)  # the end of its output comes just before its exit
+    except OSError as e:
+        return f"{e} ({reason})"
+    return reason
 
 
 # ------------------------------------------------------------------------------ files
@@ -221,6 +288,44 @@ def makedirs(directory: str) -> None:
     else:
         fs, inner = _fs(directory)
         fs.makedirs(inner, exist_ok=True)
+
+
+def file_size(path: str) -> int | None:
+    """The size in bytes of the file at `path`, or None when there is none."""
+    try:
+        if is_local(path):
+            return os.path.getsize(path)
+        fs, inner = _fs(path)
+        return int(fs.size(inner))
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def modified_after(path: str, other: str) -> bool:
+    """Whether the local file `path` was modified after `other` (False when unknown)."""
+    if not (is_local(path) and is_local(other)):
+        return False
+    try:
+        return os.stat(path).st_mtime_ns > os.stat(other).st_mtime_ns
+    except OSError:
+        return False
+
+
+def sha256(path: str) -> str:
+    """The hex sha256 of the file at `path`, read in 1 MiB pieces."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with named_errors(path, "reading"):
+        if is_local(path):
+            f = open(path, "rb")  # noqa: SIM115 - closed by the with below
+        else:
+            fs, inner = _fs(path)
+            f = fs.open(inner, "rb")
+        with f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+    return digest.hexdigest()
 
 
 def list_names(directory: str) -> set[str]:

@@ -39,12 +39,13 @@ from __future__ import annotations
 import bz2
 import dataclasses
 import gzip
+import io
 import lzma
 import re
 import tarfile
 import zlib
 from collections.abc import Callable, Iterator
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 __all__ = [
     "DEFAULT_MAX_MEMBER_BYTES",
@@ -54,6 +55,7 @@ __all__ = [
     "SKIP_REASONS",
     "SkippedMember",
     "TarReadError",
+    "TarSampleWriter",
     "read_tar_samples",
 ]
 
@@ -403,3 +405,29 @@ def _tar_bytes(stream: BinaryIO, url: str) -> _TarBytes:
     if head.startswith(b"\x28\xb5\x2f\xfd"):
         raise TarReadError(url, "zstd-compressed tar is not supported", 0)
     return _TarBytes(source, source, False)
+
+
+class TarSampleWriter:
+    """Samples (`__key__` and one bytes value per field) → tar members `<key>.<field>`, in order.
+
+    Reproducible: every header is a plain ustar header with the same integer `mtime`, owner
+    0:0 and mode 0644 (a PAX header only for a name ustar cannot hold: over 100 bytes, or not
+    ASCII), so the same samples always give the same bytes. `fileobj` needs only `write`."""
+
+    def __init__(self, fileobj: Any, *, mtime: int = 0) -> None:
+        self.mtime = int(mtime)
+        self._tar = tarfile.open(  # noqa: SIM115 - closed by close()
+            fileobj=fileobj, mode="w|", format=tarfile.PAX_FORMAT)
+
+    def write(self, sample: dict[str, Any]) -> None:
+        key = sample["__key__"]
+        for field, data in sample.items():
+            if field.startswith("__") and field.endswith("__"):
+                continue
+            info = tarfile.TarInfo(f"{key}.{field}")
+            info.size, info.mtime, info.mode = len(data), self.mtime, 0o644
+            self._tar.addfile(info, io.BytesIO(bytes(data)))
+
+    def close(self) -> None:
+        """The end-of-archive blocks; `fileobj` itself is left open."""
+        self._tar.close()

@@ -98,7 +98,8 @@ def test_arrow_images_of_each_storage():
     assert hf_arrow.arrow_images(struct) == [{"bytes": b"x", "path": None}, None]
     assert hf_arrow.arrow_images(pa.array([b"x"], pa.binary())) == [b"x"]
     assert hf_arrow.arrow_images(pa.array(["a.png"])) == ["a.png"]
-    pixels = hf_arrow.arrow_images(pa.array([[[[1, 2, 3]]], None]))
+    nested = pa.list_(pa.list_(pa.list_(pa.uint8())))
+    pixels = hf_arrow.arrow_images(pa.array([[[[1, 2, 3]]], None], nested))
     assert pixels[0].dtype == np.uint8 and pixels[0].shape == (1, 1, 3) and pixels[1] is None
 
 
@@ -228,3 +229,34 @@ def test_torch_chw_and_decoded_files():
     assert hf_arrow.is_decoded_file(PILImage.open(io.BytesIO(_png())))
     assert not hf_arrow.is_decoded_file(PILImage.new("RGB", (1, 1)))
     assert not hf_arrow.is_decoded_file(b"bytes")
+
+
+def test_arrow_images_read_nested_lists_with_the_columns_own_dtype():
+    pixels = np.arange(12, dtype=np.uint8).reshape(2, 2, 3)
+    uint8 = Dataset.from_dict({"image": [pixels, None]}).data.table["image"]
+    out = hf_arrow.arrow_images(uint8)
+    assert out[0].dtype == np.uint8 and np.array_equal(out[0], pixels) and out[1] is None
+    floats = Dataset.from_dict({"image": [(pixels / 255).tolist()]}).data.table["image"]
+    assert hf_arrow.arrow_images(floats)[0].dtype == np.float64
+    ragged = [[[0.5]], [[0.5], [0.5]]]
+    table = pa.table({"image": pa.array([ragged], pa.list_(pa.list_(pa.list_(pa.float64()))))})
+    assert hf_arrow.arrow_images(table["image"]) == [ragged]  # left for load_image to name
+    ints = Dataset.from_dict({"image": [[[[300, 0, 0]]]]}).data.table["image"]  # int64 leaves
+    assert hf_arrow.arrow_images(ints) == [[[[300, 0, 0]]]]  # never wrapped into uint8
+
+
+def test_an_empty_split_saves_and_loads(tmp_path):
+    features = Features({"image": Image(), "n": Value("int32")})
+    empty = Dataset.from_dict({"image": [], "n": []}, features=features)
+    empty.save_to_disk(str(tmp_path / "theirs"))  # datasets writes no data file for 0 rows
+    assert not list((tmp_path / "theirs").glob("*.arrow"))
+    loaded = hf_arrow.load_from_disk(tmp_path / "theirs")
+    assert len(loaded) == 0 and loaded.features == features
+    hf_arrow.save_to_disk(DatasetDict({"a": empty, "b": empty}), tmp_path / "ours")
+    both = hf_arrow.load_from_disk(tmp_path / "ours")
+    assert set(both) == {"a", "b"} and both["b"].features == features
+    from datasets import load_from_disk
+
+    assert len(load_from_disk(str(tmp_path / "ours"))["a"]) == 0  # datasets reads it too
+    empty = hf_arrow.empty_split(Dataset.from_dict({"x": [1]}).select([]), features)
+    assert len(empty) == 0 and empty.features == features

@@ -54,6 +54,26 @@ def test_streaming_decodes_batch_by_batch(detok, tokenized, expected_images):
     assert len(list(itertools.islice(stream, N))) == N
 
 
+def test_a_streams_map_keeps_the_tokens_and_apply_drops_them_everywhere(detok, tokenized,
+                                                                         expected_images):
+    """IterableDataset.map merges the output into each row, so the token column stays there;
+    apply() gives a stream, a formatted and a plain Dataset the same columns and images."""
+    streamed = next(iter(tokenized.to_iterable_dataset().map(detok, batched=True)))
+    assert "vqgan_tokens" in streamed
+    plain = tokenized.map(detok, batched=True)
+    outputs = {
+        "stream": list(detok.apply(tokenized.to_iterable_dataset(), batch_size=N)),
+        "formatted": list(detok.apply(tokenized.with_format("numpy")).with_format(None)),
+        "plain": list(detok.apply(tokenized)),
+    }
+    for kind, rows in outputs.items():
+        assert list(rows[0]) == plain.column_names == ["label", "id", "image"], kind
+        np.testing.assert_allclose(np.stack([np.asarray(r["image"]) for r in rows]),
+                                   expected_images, atol=1, err_msg=kind)
+    keep = VQGANDetokenizer.from_dataset(tokenized, keep_tokens=True)
+    assert "vqgan_tokens" in next(iter(keep.apply(tokenized.to_iterable_dataset())))
+
+
 def test_from_dataset_refuses_tokens_of_another_model(tokenized, other_dir):
     with pytest.raises(ValueError, match="weights differ"):
         VQGANDetokenizer.from_dataset(tokenized, model=other_dir)
@@ -144,3 +164,12 @@ def test_null_and_undecodable_rows_become_counted_none_images(model_dir, tokeniz
     assert _tokens_with(tokenized, r1=None).map(plain, batched=True)["image"][1] is None
     assert plain.stats.nulls == 1
     assert Hasher.hash(detok) != Hasher.hash(plain)  # on_error is part of what it writes
+
+
+def test_empty_token_datasets_give_the_image_column(detok, tokenized):
+    empty = tokenized.select([])
+    for dataset in (empty, empty.with_format("numpy")):
+        out = detok.apply(dataset)
+        assert len(out) == 0 and out.features == detok.features(tokenized.features)
+    with_column = detok.apply(empty.with_format("arrow"))  # kept where datasets dropped it
+    assert list(with_column.features) == ["label", "id", "image"]

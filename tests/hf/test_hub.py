@@ -3,19 +3,27 @@ load_dataset; the push_to_hub example's dry run. Every cache in a temp dir."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from conftest import SAMPLES, TINY
 from datasets import DatasetDict, List, Value, load_dataset, load_from_disk
 from hf_helpers import REPO, tokens_of
 
+from vqgan_datasets import cli
+from vqgan_datasets.handle import ModelHandle
 from vqgan_datasets.hf import VQGANDetokenizer, read_metadata, write_hub_files, write_metadata
 from vqgan_datasets.hf.hub import read_column_metadata
+from vqgan_datasets.models.modeling import VQModel
+from vqgan_datasets.options import EncodeOptions, StageStats
+from vqgan_datasets.pipeline.engine import get_engine
+from vqgan_datasets.pipeline.images import load_image
+from vqgan_datasets.streams import encode_stream
 
 pytest_plugins = ["hf_fixtures"]
 
@@ -30,7 +38,7 @@ def test_metadata_survives_the_hub_layout(tok, tokenized, expected_images, tmp_p
     assert [f.relative_to(hub).as_posix() for f in files] == [
         "data/train-00000-of-00001.parquet", "README.md"]
     loaded = load_dataset(str(hub), split="train", cache_dir=str(tmp_path / "cache"))
-    assert loaded.features["vqgan_tokens"] == List(Value("uint8"), length=256)
+    assert loaded.features["vqgan_tokens"] == List(Value("uint16"), length=256)
     assert read_metadata(loaded) == tok.spec
     assert read_metadata(str(hub)) == tok.spec  # straight from the card
     assert read_column_metadata(str(hub)) == ("vqgan_tokens", tok.spec)
@@ -128,30 +136,42 @@ def test_a_datasets_directory_gives_the_record(tok, tokenized, ds_dir, tmp_path)
         read_metadata(str(ds_dir))  # the images, never tokenized
 
 
-def test_push_to_hub_example_uploads_the_dry_run_files(photo_dataset, model_dir, tmp_path,
-                                                       monkeypatch):
-    """The real push uploads exactly what --dry-run writes (no network: HfApi recorded)."""
-    import importlib.util
-
-    from huggingface_hub import HfApi
-
-    uploaded = {}
-
-    def upload_folder(self, *, folder_path, **kwargs):
-        uploaded.update(kwargs, files=sorted(p.relative_to(folder_path).as_posix()
-                                             for p in Path(folder_path).rglob("*") if p.is_file()))
-        shard = Path(folder_path) / "data" / "train-00000-of-00001.parquet"
-        uploaded["record"] = read_metadata(pq.read_table(shard))
-
-    monkeypatch.setattr(HfApi, "create_repo", lambda self, *a, **k: None)
-    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
-    source = tmp_path / "images"
-    photo_dataset.save_to_disk(str(source))
-    spec = importlib.util.spec_from_file_location("push_example", REPO / "examples" / "push_to_hub.py")
-    example = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(example)
-    assert example.main(["--model", model_dir, "--dataset-dir", str(source),
-                         "--repo-id", "me/tiny-tokens"]) == 0
-    assert uploaded["files"] == ["README.md", "data/train-00000-of-00001.parquet"]
-    assert uploaded["repo_id"] == "me/tiny-tokens" and uploaded["delete_patterns"] == ["data/*.parquet"]
-    assert uploaded["record"].model_name == str(Path(model_dir).resolve())
+def test_a_family_model_with_a_large_vocabulary_round_trips_through_its_record(tmp_path, capsys):
+    """An IBQ-family model with 70,000 codes: int32 tokens in Arrow and in shard .npy fields,
+    its own preprocessing by default, and a record from which decode rebuilds it (no model)."""
+    model = VQModel(TINY.replace(family="ibq", n_embed=70_000), seed=0)
+    params = model.params
+    rng = np.random.default_rng(0)
+    codebook = params["quantize"]["embedding"]["embedding"]
+    params["quantize"]["embedding"]["embedding"] = rng.standard_normal(codebook.shape,
+                                                                       ).astype(np.float32)
+    VQModel(model.config, params).save_pretrained(tmp_path / "ibq")
+    # Held here, the loaded model is the one every later load of the directory finds (and its
+    # compiled functions with it).
+    model = ModelHandle(str(tmp_path / "ibq")).load()
+    assert cli.main(["--quiet", "encode", str(SAMPLES), str(tmp_path / "t"),
+                     "--model", str(tmp_path / "ibq")]) == 0
+    capsys.readouterr()
+    ds = load_from_disk(str(tmp_path / "t"))
+    assert ds.features["vqgan_tokens"] == List(Value("int32"), length=256)
+    spec = read_metadata(ds)
+    assert (spec.family, spec.token_dtype, spec.codebook_size) == ("ibq", "int32", 70_000)
+    assert spec.preprocess == "opencv_linear_center_crop"
+    tokens = np.asarray(ds.with_format("numpy")["vqgan_tokens"])
+    assert tokens.max() >= 2**16  # ids a uint16 column could not hold
+    # "exact" ran the family's own preprocessing.
+    engine = get_engine(model, workers=0)
+    files = sorted(SAMPLES.glob("*.jpg"))
+    pixels = np.stack([load_image(str(f), 64, preprocess="opencv_linear_center_crop")
+                       for f in files])
+    assert sorted(map(tuple, tokens)) == sorted(map(tuple, engine.encode(pixels)))
+    # Decoding needs no model: the record names the directory, whose config names the family.
+    images = ds.map(VQGANDetokenizer.from_dataset(ds), batched=True)["image"]
+    np.testing.assert_array_equal(np.stack([np.asarray(im) for im in images]),
+                                  engine.decode(tokens))
+    assert cli.main(["decode", str(tmp_path / "t"), str(tmp_path / "d"), "--limit", "2"]) == 0
+    assert json.loads(capsys.readouterr().out)["images"] == 2
+    # Token shards' .npy fields are int32 too (webdataset stages and shard jobs: encode_stream).
+    samples = [{"__key__": f.stem, "jpg": f.read_bytes()} for f in files[:2]]
+    out = list(encode_stream(samples, engine, EncodeOptions(), StageStats()))
+    assert [s["vqgan.npy"].dtype for s in out] == [np.dtype("int32")] * 2

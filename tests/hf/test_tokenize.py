@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
-from datasets import Dataset, Features, Image, List, Value
+from datasets import Array3D, Dataset, DatasetDict, Features, Image, List, Value
 from datasets.fingerprint import Hasher
 from hf_helpers import SIZE, N, tokens_of
 
@@ -19,7 +19,7 @@ from vqgan_datasets.hf import VQGANTokenizer, read_metadata
 from vqgan_datasets.hf import arrow as hf_arrow
 from vqgan_datasets.hf import tokenize as hf_tokenize
 from vqgan_datasets.options import EncodeOptions
-from vqgan_datasets.pipeline.images import ImageDecodeError
+from vqgan_datasets.pipeline.images import ImageDecodeError, load_image
 
 pytest_plugins = ["hf_fixtures"]
 
@@ -32,8 +32,8 @@ def test_one_liner_writes_fixed_size_tokens_and_drops_the_image(model_dir, ds, e
     assert not tok.loaded  # hashing for the fingerprint must not load the weights
     out = ds.map(tok, batched=True)
     assert out.column_names == ["label", "id", "vqgan_tokens"]
-    assert out.features["vqgan_tokens"] == List(Value("uint8"), length=SIZE // 4 * SIZE // 4)
-    assert out.data.schema.field("vqgan_tokens").type == pa.list_(pa.uint8(), 256)
+    assert out.features["vqgan_tokens"] == List(Value("uint16"), length=SIZE // 4 * SIZE // 4)
+    assert out.data.schema.field("vqgan_tokens").type == pa.list_(pa.uint16(), 256)
     np.testing.assert_array_equal(tokens_of(out), expected)
     assert out["label"] == list(range(N))
     assert not any("couldn't be hashed" in m for m in datasets_log), datasets_log
@@ -80,7 +80,7 @@ def test_every_input_kind_gives_the_same_tokens(tok, photo_dataset, expected, tm
     # The one-liner on an arrow-formatted dataset: a table in, a table out.
     out = photo_dataset.with_format("arrow").map(tok, batched=True)
     assert out.column_names == ["label", "id", "vqgan_tokens"]
-    assert out.features["vqgan_tokens"] == List(Value("uint8"), length=256)
+    assert out.features["vqgan_tokens"] == List(Value("uint16"), length=256)
     # map(input_columns=[...]) hands over the column alone.
     out = photo_dataset.map(tok, batched=True, input_columns=["image"], remove_columns=["image"])
     np.testing.assert_array_equal(tokens_of(out), expected)
@@ -176,13 +176,13 @@ def test_options_and_keywords_build_the_same_tokenizer(model_dir, tok):
 
 
 def test_token_dtype_and_preprocess_are_recorded_and_cached_apart(model_dir, tok, ds, expected):
-    wide = VQGANTokenizer(model_dir, token_dtype="uint16")
+    wide = VQGANTokenizer(model_dir, token_dtype="int32")
     out = wide.apply(ds)
-    assert out.features["vqgan_tokens"] == List(Value("uint16"), length=256)
-    assert read_metadata(out).token_dtype == "uint16"
+    assert out.features["vqgan_tokens"] == List(Value("int32"), length=256)
+    assert read_metadata(out).token_dtype == "int32"
     np.testing.assert_array_equal(tokens_of(out), expected)
     fast = VQGANTokenizer(model_dir, preprocess="fast")
-    assert fast.spec.preprocess == "fast" and tok.spec.preprocess == "exact"
+    assert fast.spec.preprocess == "fast" and tok.spec.preprocess == "lanczos_center_crop"
     assert ds.map(fast, batched=True).cache_files != ds.map(tok, batched=True).cache_files
     big = dataclasses.replace(tok.spec, codebook_size=16384, token_dtype="uint16")
     with pytest.raises(ValueError, match="cannot hold codes up to 16383"):
@@ -233,3 +233,71 @@ def test_the_map_style_one_liner_never_decodes_an_image(tok, ds, expected, monke
     assert not decoded
     list(ds.to_iterable_dataset().map(tok, batched=True, remove_columns=["image"]))
     assert len(decoded) == N  # where datasets decodes first, as the warning says
+
+
+# -- nested lists and empty inputs ------------------------------------------------------------
+
+
+def _streamed(out, features):
+    return Dataset.from_list(list(out.with_format(None)), features=features)
+
+
+def test_nested_list_images_are_read_as_arrays_are(model_dir, pictures):
+    tok = VQGANTokenizer(model_dir)
+    floats = pictures.astype(np.float32) / 255  # [0, 1]: the same pixels as the uint8 arrays
+    reference = tok.model.encode_images(np.stack([load_image(a, SIZE) for a in pictures]))
+    kinds = {
+        "uint8 arrays stored as lists": Dataset.from_dict({"image": list(pictures)}),
+        "float32 in [0, 1]": Dataset.from_dict({"image": list(floats)}),
+        "float64 lists in [0, 1]": Dataset.from_dict({"image": floats.astype(float).tolist()}),
+        "Array3D uint8": Dataset.from_dict({"image": list(pictures)}, features=Features(
+            {"image": Array3D(pictures.shape[1:], "uint8")})),
+        "stream of float lists": Dataset.from_dict({"image": floats.tolist()}).to_iterable_dataset(),
+    }
+    for name, dataset in kinds.items():
+        out = tok.apply(dataset)
+        if name.startswith("stream"):
+            out = _streamed(out, out.features)
+        np.testing.assert_array_equal(tokens_of(out), reference, err_msg=name)
+
+
+def test_bad_nested_lists_are_named_per_row_and_honour_on_error(model_dir, pictures):
+    floats = pictures[:4].astype(np.float64) / 255
+    ragged = floats[1].tolist()
+    ragged[5] = ragged[5][:-1]
+    holes = floats[2].tolist()
+    holes[0][0] = [None, None, None]
+    rows = [floats[0].tolist(), ragged, holes, (floats[3] * 1000).tolist()]
+    tok = VQGANTokenizer(model_dir, on_error="null")
+    out = Dataset.from_dict({"image": rows}).map(tok, batched=True)
+    errors = out["vqgan_tokens_error"]
+    assert errors[0] is None and errors[3] is None  # floats above 1: [0, 255], clipped
+    assert "not a rectangular HxW or HxWxC array" in errors[1]
+    assert "NaN" in errors[2]
+    # Integers: read as int64 arrays, refused as such (never wrapped or cast to black).
+    ints = Dataset.from_dict({"image": [pictures[0].astype(int).tolist(),
+                                        (pictures[1].astype(int) + 300).tolist()]})
+    out = ints.map(tok, batched=True)
+    assert out["vqgan_tokens"] == [None, None]
+    assert all("give dtype int64" in e and "Array3D(shape, 'uint8')" in e
+               for e in out["vqgan_tokens_error"])
+    with pytest.raises(ImageDecodeError, match=r"sample 0 \(index\): column 'image': nested"):
+        ints.map(VQGANTokenizer(model_dir), batched=True, with_indices=True)
+
+
+def test_empty_input_gives_the_token_column_its_features_and_record(model_dir, photo_dataset,
+                                                                      tmp_path):
+    empty = photo_dataset.select([])
+    for on_error in ("raise", "null"):
+        tok = VQGANTokenizer(model_dir, on_error=on_error)
+        out = tok.apply(empty)
+        assert len(out) == 0 and out.features == tok.features(empty.features)
+        assert read_metadata(out).sequence_length == 256
+    tok = VQGANTokenizer(model_dir)
+    splits = tok.apply(DatasetDict({"train": photo_dataset.select(range(1)), "test": empty}))
+    assert splits["test"].features == splits["train"].features == tok.features(empty.features)
+    assert read_metadata(splits["test"]).sequence_length == 256
+    hf_arrow.save_to_disk(splits["test"], tmp_path / "out")
+    loaded = hf_arrow.load_from_disk(tmp_path / "out")
+    assert len(loaded) == 0 and loaded.features == splits["test"].features
+    assert read_metadata(loaded).sequence_length == 256

@@ -9,7 +9,6 @@ from pathlib import Path
 import datasets
 import numpy as np
 import pytest
-from conftest import SAMPLES
 from PIL import Image
 
 from vqgan_datasets.jobs import commands as jobs
@@ -46,13 +45,6 @@ def test_preview_report_info(folder, tmp_path, tiny_model_dir):
     info = jobs.info(str(tiny_model_dir))
     assert info["tokens_per_image"] == 256 and info["value_range"] == [-1.0, 1.0]
     assert info["devices"] and json.dumps(info)
-
-
-def test_demo_runs_the_quickstart_job(tmp_path, tiny_model_dir):
-    result = jobs.demo(tmp_path / "out", model=tiny_model_dir, progress=False)
-    assert result["tokens"]["rows_out"] == len(list(SAMPLES.glob("*.jpg")))
-    assert Path(result["preview"]).is_file()
-    assert len(list((tmp_path / "out" / "decoded").glob("*.png"))) == result["tokens"]["rows_out"]
 
 
 # ------------------------------------------------------------------------------ decoded file names
@@ -146,3 +138,75 @@ def test_decode_finds_the_record_in_a_hub_layout(tmp_path, tiny_model_dir):
         jobs.decode(tmp_path / "bare.parquet", tmp_path / "c")
     summary = jobs.decode(tmp_path / "bare.parquet", tmp_path / "c", model=str(tiny_model_dir))
     assert summary["images"] == 2
+
+
+# ------------------------------------------------------------------------------ null and bad rows
+
+
+def test_null_rows_from_encode_are_counted_and_skipped_on_decode(folder, tmp_path,
+                                                                 tiny_model_dir):
+    """`encode --on-error null` then `decode`: every good row decoded, also those after the
+    null, for datasets and for token shards; the summary counts the nulls."""
+    import shutil
+
+    import webdataset as wds
+
+    from vqgan_datasets.jobs.shards import tokenize_shards
+
+    images = tmp_path / "images"
+    shutil.copytree(folder, images)
+    (images / "broken.png").write_bytes(b"not a png")  # the second row of four
+    jobs.encode(images, tmp_path / "t", model=str(tiny_model_dir), on_error="null",
+                progress=False)
+    summary = jobs.decode(tmp_path / "t", tmp_path / "d")
+    assert (summary["images"], summary["nulls"], summary["skipped"]) == (3, 1, 0)
+    assert sorted(p.name for p in (tmp_path / "d").iterdir()) == [
+        "astronaut.png", "coffee.png", "sub_chelsea.png"]
+    page = Path(jobs.report(tmp_path / "t", tmp_path / "r", max_samples=4))  # nulls left out
+    assert "data:image/png;base64" in page.read_text()
+    assert sorted(p.name for p in (tmp_path / "t").iterdir()) == [  # nothing added to it
+        "data-00000-of-00001.arrow", "dataset_info.json", "state.json"]
+
+    with open(tmp_path / "in.tar", "wb") as f, wds.TarWriter(f) as writer:
+        for key, data in (("a", b"not a jpeg"), ("b", (folder / "coffee.jpg").read_bytes()),
+                          ("c", (folder / "astronaut.jpg").read_bytes())):
+            writer.write({"__key__": key, "jpg": data})
+    tokenize_shards(str(tmp_path / "in.tar"), tmp_path / "s", model=str(tiny_model_dir),
+                    on_error="null", progress=False)
+    summary = jobs.decode(tmp_path / "s", tmp_path / "ds")
+    assert (summary["images"], summary["nulls"]) == (2, 1)
+    assert sorted(p.name for p in (tmp_path / "ds").iterdir()) == ["b.png", "c.png"]
+
+
+def test_decode_on_error_for_tokens_that_cannot_be_decoded(tmp_path, tiny_model_dir):
+    from vqgan_datasets.handle import ModelHandle
+    from vqgan_datasets.hf import write_metadata
+
+    rows = _token_rows(3)
+    rows[1, 5] = 200  # outside the 64-code codebook
+    dataset = datasets.Dataset.from_dict(
+        {"__key__": ["x", "bad", "z"], "vqgan_tokens": rows.tolist()},
+        features=datasets.Features({"__key__": datasets.Value("string"),
+                                    "vqgan_tokens": datasets.Sequence(datasets.Value("uint8"))}),
+    )
+    write_metadata(dataset, ModelHandle(str(tiny_model_dir)).spec())
+    dataset.save_to_disk(str(tmp_path / "tokens"))
+    with pytest.raises(ValueError, match="'bad'.*token id 200"):
+        jobs.decode(tmp_path / "tokens", tmp_path / "a")
+    summary = jobs.decode(tmp_path / "tokens", tmp_path / "b", on_error="skip")
+    assert (summary["images"], summary["skipped"], summary["nulls"]) == (2, 1, 0)
+    assert "token id 200" in summary["errors"][0]["reason"]
+    with pytest.raises(ValueError, match="on_error"):
+        jobs.decode(tmp_path / "tokens", tmp_path / "c", on_error="null")
+
+
+def test_a_saved_dataset_with_no_rows_encodes_and_decodes_to_nothing(tmp_path, tiny_model_dir):
+    empty = datasets.Dataset.from_dict({"image": []}, features=datasets.Features(
+        {"image": datasets.Image()}))
+    empty.save_to_disk(str(tmp_path / "empty"))  # datasets writes no data file for 0 rows
+    summary = jobs.encode(tmp_path / "empty", tmp_path / "tokens", model=str(tiny_model_dir),
+                          progress=False)
+    assert summary["rows_in"] == summary["rows_out"] == summary["encoded"] == 0
+    tokens = datasets.load_from_disk(str(tmp_path / "tokens"))
+    assert len(tokens) == 0 and tokens.features["vqgan_tokens"].length == 256
+    assert jobs.decode(tmp_path / "tokens", tmp_path / "decoded")["images"] == 0

@@ -267,3 +267,72 @@ def test_enospc_while_writing_a_shard_names_it(model, samples, tmp_path, monkeyp
                               options=EncodeOptions(batch_size=BATCH))
     assert info.value.errno == errno.ENOSPC and str(out / "in.tar") in str(info.value)
     assert os.listdir(out) == []
+
+
+# ------------------------------------------------------------------------------ reproducible, checked
+
+
+def _raw_headers(path) -> list[bytes]:
+    """The typeflag of every header block of a tar, read off the bytes."""
+    data = path.read_bytes()
+    flags, offset = [], 0
+    while offset + 512 <= len(data) and data[offset:offset + 512] != bytes(512):
+        header = data[offset:offset + 512]
+        flags.append(header[156:157])
+        size = int(header[124:136].rstrip(b"\0 ") or b"0", 8)
+        offset += 512 + -(-size // 512) * 512
+    return flags
+
+
+def test_token_shards_are_byte_identical_and_record_their_size_and_hash(model, samples,
+                                                                        tmp_path):
+    """Plain ustar members (no PAX header per member), fixed mtime: two runs of the same
+    input and settings write the same bytes; each stats file records them."""
+    import hashlib
+
+    url = write_tar(tmp_path / "in.tar", samples[:3])
+    for out in ("a", "b"):
+        vqshards.tokenize_shards(url, tmp_path / out, model=model, batch_size=BATCH,
+                                 progress=False)
+    first, second = (tmp_path / "a" / "in.tar").read_bytes(), (tmp_path / "b" / "in.tar").read_bytes()
+    assert first == second
+    assert set(_raw_headers(tmp_path / "a" / "in.tar")) == {b"0"}
+    with tarfile.open(tmp_path / "a" / "in.tar") as tar:
+        assert {m.mtime for m in tar.getmembers()} == {0}
+    stats = json.loads((tmp_path / "a" / "in.stats.json").read_text())
+    assert stats["output_bytes"] == len(first)
+    assert stats["output_sha256"] == hashlib.sha256(first).hexdigest()
+
+
+def test_a_finished_shard_damaged_afterwards_is_converted_again(model, samples, caplog,
+                                                                 tmp_path):
+    """Size always checked; the hash when the tar changed after its stats file (or verify)."""
+    url = write_tar(tmp_path / "in.tar", samples[:3])
+    out = tmp_path / "o"
+    target, stats = out / "in.tar", out / "in.stats.json"
+
+    def run(**kwargs):
+        return vqshards.tokenize_shards(url, out, model=model, batch_size=BATCH, progress=False,
+                                        **kwargs)
+
+    run()
+    good = target.read_bytes()
+    assert run().finished  # untouched: trusted
+
+    target.write_bytes(good[: len(good) // 2])  # truncated
+    manifest = run()
+    assert [s.status for s in manifest.shards] == ["written"] and target.read_bytes() == good
+    assert "truncated" in caplog.text
+
+    damaged = bytearray(good)
+    damaged[700] ^= 0xFF  # same size, inside the first token member
+    target.write_bytes(bytes(damaged))
+    assert [s.status for s in run().shards] == ["written"] and target.read_bytes() == good
+
+    # Damage that kept the old mtime is found when asked.
+    times = os.stat(target).st_atime_ns, os.stat(target).st_mtime_ns
+    target.write_bytes(bytes(damaged))
+    os.utime(target, ns=times)
+    assert [s.status for s in run().shards] == ["finished"]
+    assert [s.status for s in run(verify=True).shards] == ["written"]
+    assert target.read_bytes() == good and stats.is_file()

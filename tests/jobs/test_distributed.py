@@ -142,7 +142,7 @@ def test_auto_joins_nothing_outside_a_cluster():
     env = {k: v for k, v in host_env().items()
            if not k.startswith(("SLURM_", "OMPI_", "PMI_", "KUBERNETES_", "JAX_COORDINATOR",
                                 "TPU_", "MEGASCALE_"))}
-    code = ("from vqgan_datasets import distributed; import jax\n"
+    code = ("from vqgan_datasets.jobs import distributed; import jax\n"
             "assert distributed.initialize(auto=True) is False\n"
             "assert jax.process_count() == 1 and not jax.distributed.is_initialized()\n")
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,

@@ -32,7 +32,29 @@ def test_open_images_reads_every_kind_of_source(folder, tmp_path):
 def test_shard_sources_are_recognised():
     assert inputs.is_shard_source("data/{00000..00009}.tar")
     assert inputs.is_shard_source("pipe:curl -s http://x/a.tar")
+    assert inputs.is_shard_source("s3://bucket/shard-000.tar")
+    assert inputs.is_shard_source("a.tar::b.tar")
+    assert inputs.is_shard_source("https://host/x.tgz?token=1")
     assert not inputs.is_shard_source("photos/")
+
+
+@pytest.mark.parametrize("name", ["photos.tarball", "x.tar", "my{a..b}", "set{1,2}", "a..b{c}"])
+def test_an_existing_folder_is_never_a_shard_pattern(folder, tmp_path, name):
+    """What the path is decides first: a folder holds images or a saved dataset, whatever its
+    name looks like; only then does pattern syntax count."""
+    import shutil
+
+    photos = tmp_path / name
+    shutil.copytree(folder, photos)
+    assert not inputs.is_shard_source(photos)
+    assert not inputs.is_shard_source(f"{photos}/")
+    assert inputs.open_images(photos).num_rows == 3
+    assert inputs.find_token_shards(photos) is None  # no tars in it: not token shards
+    (photos / "image.tar.jpg").write_bytes((folder / "coffee.jpg").read_bytes())
+    assert not inputs.is_shard_source(photos / "image.tar.jpg")  # an image file
+    (photos / "real.tar").write_bytes(b"")
+    assert inputs.is_shard_source(photos / "real.tar")  # a file named like a tar
+    assert inputs.find_token_shards(photos) == [str(photos / "real.tar")]
 
 
 def test_row_names_and_what_jobs_still_exports(folder, tmp_path):

@@ -89,3 +89,12 @@ def test_manifest_counts_tar_members_that_were_not_samples(tmp_path):
     assert manifest.totals == {"samples_in": 2, "encoded": 2, "skipped": 0, "failed": 0}
     on_disk = json.loads((tmp_path / "manifest.json").read_text())
     assert on_disk["members_skipped"] == {"duplicate key": 2, "no extension": 1}
+
+
+def test_output_dir_of_patterns_and_of_folders_with_braces():
+    from vqgan_datasets.jobs.manifest import output_dir, output_paths
+
+    assert output_dir("out/{shard}.tar") == "out"
+    assert output_dir("out/x-{index:05d}/{shard}.tar") == "out"
+    assert output_dir("data{1}") == "data{1}"  # a folder whose name holds braces
+    assert output_paths(["a/x.tar"], "data{1}") == ["data{1}/x.tar"]

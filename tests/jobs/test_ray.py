@@ -162,7 +162,7 @@ def test_ray_tokenizer_in_process_inputs_and_policies(model, samples, reference)
              "txt": np.array(["a", "b", "c", "d", "e"])}
     out = tok(batch)
     assert sorted(out) == ["__key__", "txt", "vqgan_tokens", "vqgan_tokens_error"]
-    assert out["vqgan_tokens"].dtype == np.uint8 and out["vqgan_tokens"].shape == (5, 256)
+    assert out["vqgan_tokens"].dtype == np.uint16 and out["vqgan_tokens"].shape == (5, 256)
     np.testing.assert_array_equal(np.delete(out["vqgan_tokens"], 2, axis=0), want)
     assert not out["vqgan_tokens"][2].any() and out["vqgan_tokens_error"][2]
     assert [e is None for e in out["vqgan_tokens_error"]] == [True, True, False, True, True]
@@ -243,6 +243,8 @@ def test_without_ray_the_import_says_how_to_install(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "ray" else real(name, *a))
-    monkeypatch.delitem(__import__("sys").modules, "vqgan_datasets.ray")
+    modules = __import__("sys").modules
+    monkeypatch.delitem(modules, "vqgan_datasets.ray")
+    monkeypatch.delitem(modules, "vqgan_datasets.jobs.ray")  # the shim's module, imported again
     with pytest.raises(ImportError, match=r'pip install "vqgan-datasets\[ray\]"'):
         importlib.import_module("vqgan_datasets.ray")

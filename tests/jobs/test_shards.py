@@ -378,3 +378,30 @@ def test_two_runs_into_one_folder_share_it_and_other_weights_are_refused(
         assert result["manifest"].totals["encoded"] == 10
     check_outputs([out / f"shard-{i:05d}.tar" for i in range(3)], samples, reference)
     assert not [n for n in os.listdir(out) if n.startswith(".")]
+
+
+def test_an_interrupted_run_writes_its_manifest_and_leaves_nothing_behind(model, shards,
+                                                                          tmp_path):
+    """KeyboardInterrupt (Ctrl-C, or SIGTERM as the CLI turns it) mid-run: the claim and
+    temporary file of the shard in progress go, the manifest lists what was done, and
+    RunInterrupted carries it; a rerun converts the rest."""
+    root, urls = shards
+    out = tmp_path / "o"
+
+    def stop(url, samples_read):
+        if url == urls[1]:
+            raise KeyboardInterrupt
+
+    with pytest.raises(vqshards.RunInterrupted) as info:
+        vqshards.tokenize_shards(urls, out, model=model, batch_size=BATCH, progress=False,
+                                 on_sample_written=stop)
+    manifest = info.value.manifest
+    assert isinstance(info.value, KeyboardInterrupt)
+    assert [s.status for s in manifest.shards] == ["written", "failed", "failed"]
+    assert "interrupted" in manifest.shards[1].error
+    saved = json.loads((out / "manifest.json").read_text())
+    assert saved["shards_written"] == 1 and saved["shards_failed"] == 2
+    assert sorted(os.listdir(out)) == ["manifest.json", "shard-00000.stats.json",
+                                       "shard-00000.tar"]
+    again = vqshards.tokenize_shards(urls, out, model=model, batch_size=BATCH, progress=False)
+    assert (len(again.finished), len(again.written), len(again.failed_shards)) == (1, 2, 0)

@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 import weakref
 from pathlib import Path
 
@@ -109,7 +110,10 @@ MULTI_DEVICE_SCRIPT = textwrap.dedent(
 
     decoded = engines[1].decode(reference[:9])
     out["decode_shape"] = list(decoded.shape)
-    out["decode_equal"] = bool(np.array_equal(decoded, model.decode_images(reference[:9])))
+    # Pixels, unlike tokens, may round one level apart between batch shapes: XLA's CPU convs
+    # block the batch differently (seen at one pixel of 9 x 16 x 16 x 3 against batch 16).
+    plain = model.decode_images(reference[:9]).astype(int)
+    out["decode_max_diff"] = int(np.abs(decoded.astype(int) - plain).max())
     out["param_sharding_replicated"] = all(
         leaf.sharding.is_fully_replicated and len(leaf.sharding.device_set) == 8
         for leaf in jax.tree_util.tree_leaves(engines[1]._params))
@@ -155,7 +159,7 @@ def test_stream_and_decode_on_8_devices(multi_device):
     assert multi_device["stream_keys"] == list(range(17))
     assert multi_device["stream_equal"]
     assert multi_device["decode_shape"] == [9, 16, 16, 3]
-    assert multi_device["decode_equal"]
+    assert multi_device["decode_max_diff"] <= 1
     assert multi_device["param_sharding_replicated"]
 
 
@@ -456,3 +460,39 @@ def test_a_closed_engine_lets_its_pool_go_each_time_it_is_reused(model):
             local.close()
         gc.collect()
         assert [ref() for ref in closed] == [None, None, None]
+
+
+def test_an_image_size_too_large_for_memory_is_refused_before_reading_anything(engine):
+    read = []
+
+    def inputs():
+        read.append(1)
+        yield _images(1)[0]
+
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match=r"image_size 100000: images of 100000x100000 pixels "
+                                         r"need about [\d,.]+ GiB each to encode"):
+        engine.encode_iter(inputs(), image_size=100_000)
+    assert not read and time.perf_counter() - start < 1.0
+    with pytest.raises(ValueError, match="need about [\\d,.]+ GiB each to decode"):
+        engine.decode(np.zeros((1, 50_000**2 // 4), np.int32))  # 50,000 x 50,000 pixels
+
+
+def test_batches_shrink_to_the_memory_free(model, monkeypatch, caplog):
+    from vqgan_datasets.pipeline import engine_settings
+
+    engine = Engine(model, batch_size=8, workers=0)
+    reference = engine.encode(_images(8))
+    codes = reference[:5]
+    decoded = engine.decode(codes)
+    # Room for 2 images per call: the same results, in calls of 2.
+    free = 2 * engine_settings.image_bytes(CONFIG, SIZE, SIZE, decode=True) + 1
+    monkeypatch.setattr(engine_settings, "memory_available", lambda device: free)
+    before = engine.stats.batches
+    assert np.array_equal(engine.encode(_images(8)), reference)
+    assert engine.stats.batches - before == 4
+    streamed = list(engine.encode_iter(list(_images(8)), image_size=SIZE))
+    assert np.array_equal(np.stack([r.tokens for r in streamed]), reference)
+    assert np.array_equal(engine.decode(codes), decoded)
+    assert np.array_equal(np.stack([r.image for r in engine.decode_iter(list(codes))]), decoded)
+    assert "per device call instead of 8" in caplog.text

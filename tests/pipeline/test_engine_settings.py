@@ -59,3 +59,32 @@ def test_default_batch_size_never_exceeds_what_memory_holds():
     default = engine_settings.default_batch_size
     assert default([_FakeDevice("gpu", 2**30)], F16) == 4
     assert default([_FakeDevice("gpu", 2**28)], F16) == 1  # not even one fits: the least
+
+
+def test_image_memory_estimate_grows_with_pixels_and_attention():
+    per = engine_settings.image_bytes
+    base = per(F16, 256, 256)
+    assert base == 98 * 2**20  # the measured f16 figure (97 MiB), plus 1 MiB of 16x16 attention
+    assert per(F16, 256, 256, decode=True) > 2 * 97 * 2**20
+    # 4096 px: 256x256 tokens at the attention level, 16 GiB per score matrix.
+    assert per(F16, 4096, 4096) > 64 * 2**30
+    assert per(F16, 512, 512) > 4 * 97 * 2**20
+
+
+def test_a_size_that_cannot_fit_is_refused_naming_it_and_batches_shrink_to_fit():
+    fits = engine_settings.rows_that_fit
+    h100 = [_FakeDevice("gpu", 80 * 2**30)]
+    buckets = engine_settings.bucket_sizes(128, 1)
+    assert fits(F16, 256, 256, buckets, h100) == 128
+    assert fits(F16, 1024, 1024, buckets, h100) == 32  # ~1.8 GiB each: 45 fit
+    for side in (4096, 100_000):
+        with pytest.raises(ValueError, match=f"images of {side}x{side} pixels need about "
+                                             r"[\d,.]+ GiB each to encode .* more than the "
+                                             r"80\.0 GiB free on gpu"):
+            fits(F16, side, side, buckets, h100)
+    assert fits(F16, 4096, 4096, buckets, [_FakeDevice("tpu", None)]) == 128  # memory unknown
+
+
+def test_cpu_memory_is_the_hosts_available_memory():
+    free = engine_settings.memory_available(jax.devices("cpu")[0])
+    assert free is not None and free > 0

@@ -423,7 +423,8 @@ def test_bad_inputs_name_the_key_and_reason(photos, tmp_path):
         ({"bytes": None, "path": None}, "has neither 'bytes' nor 'path'"),
         ({"bytes": b"", "path": None}, "empty bytes"),
         (3.5, "unsupported input type builtins.float"),
-        ([1, 2, 3], "unsupported input type builtins.list"),
+        ([1, 2, 3], "give dtype int64 (shape (3,))"),
+        ({1, 2}, "unsupported input type builtins.set"),
     ]
     for value, reason in cases:
         with pytest.raises(ImageDecodeError) as info:
@@ -518,10 +519,11 @@ def large_jpegs(photos) -> dict[str, bytes]:
 
 
 def test_preprocess_modes_are_validated(small):
-    assert PREPROCESS_MODES == ("exact", "fast")
+    assert PREPROCESS_MODES[:2] == ("exact", "fast")  # then the families' own, by name
+    assert "adm_center_crop" in PREPROCESS_MODES
     assert set(PREPROCESS_DESCRIPTIONS) == set(PREPROCESS_MODES)
     assert "1/4 (sides >= 1.05x target)" in PREPROCESS_DESCRIPTIONS["fast"]  # its parameters
-    with pytest.raises(ValueError, match=r"preprocess must be one of \('exact', 'fast'\)"):
+    with pytest.raises(ValueError, match=r"preprocess must be one of \('exact', 'fast', "):
         load_image(small, S, preprocess="draft")
     with pytest.raises(ValueError, match="preprocess must be one of"):
         preprocess_batch([small], S, preprocess="quick")
@@ -950,3 +952,76 @@ def test_module_import_is_cheap():
         "assert not heavy, heavy\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+# ------------------------------------------------------------------ nested lists, PNG metadata
+
+
+def test_nested_lists_are_read_as_numpy_reads_them(small):
+    floats = small.astype(np.float64) / 255
+    expected = load_image(small, S)
+    np.testing.assert_array_equal(load_image(floats.tolist(), S), expected)  # [0, 1]
+    np.testing.assert_array_equal(load_image((floats * 255).tolist(), S), expected)  # [0, 255]
+    np.testing.assert_array_equal(load_image(tuple(floats.tolist()), S), expected)
+    np.testing.assert_array_equal(load_image((small > 128).tolist(), S),
+                                  load_image(small > 128, S))  # bool
+    ragged = floats.tolist()
+    ragged[3] = ragged[3][:-1]
+    bad = {
+        "ragged": (ragged, "nested lists are not a rectangular HxW or HxWxC array"),
+        "integers": (small.astype(int).tolist(), "give dtype int64"),
+        "out of int64": ([[2**70, 0]], "hold object values, not numbers"),
+        "strings": ([["a", "b"]], "hold <U1 values, not numbers"),
+        "None inside": ([[0.5, None]], "hold object values, not numbers"),
+        "too deep": ([[[[0.5]]]], "array of shape (1, 1, 1, 1)"),
+    }
+    for name, (value, text) in bad.items():
+        with pytest.raises(ImageDecodeError, match=r"^sample 'k' \(key\): ") as info:
+            load_image(value, S, key="k")
+        assert text in str(info.value), name
+    batch = preprocess_batch([floats.tolist(), ragged, [[2**70]]], S, on_error="null")
+    assert batch.ok.tolist() == [True, False, False]
+    np.testing.assert_array_equal(batch.pixels[0], expected)
+
+
+def _with_chunk(png: bytes, kind: bytes, body: bytes, *, after_idat: bool = False) -> bytes:
+    """`png` with one more chunk, after IHDR (or just before IEND)."""
+    crc = zlib.crc32(kind + body) & 0xFFFFFFFF
+    chunk = struct.pack(">I", len(body)) + kind + body + struct.pack(">I", crc)
+    at = len(png) - 12 if after_idat else 33  # IEND is 12 bytes; signature + IHDR are 33
+    return png[:at] + chunk + png[at:]
+
+
+@pytest.mark.parametrize("kind,body,after_idat", [
+    (b"iCCP", b"profile\0\0", False),
+    (b"zTXt", b"Comment\0\0", False),
+    (b"iTXt", b"Comment\0\1\0\0\0", False),
+    (b"zTXt", b"Comment\0\0", True),
+])
+def test_a_png_with_oversized_metadata_gives_its_pixels(small, kind, body, after_idat):
+    from PIL import PngImagePlugin
+
+    limit = PngImagePlugin.MAX_TEXT_CHUNK
+    png = encode(Image.fromarray(small), "PNG")
+    big = _with_chunk(png, kind, body + zlib.compress(b"\0" * (limit + 1)), after_idat=after_idat)
+    with pytest.raises(ValueError, match="MAX_TEXT_CHUNK"):  # what PIL does with it
+        Image.open(io.BytesIO(big)).load()
+    np.testing.assert_array_equal(load_image(big, S), load_image(png, S))
+    assert limit == PngImagePlugin.MAX_TEXT_CHUNK  # PIL's limit left as it was
+
+
+def test_a_png_whose_text_in_all_exceeds_pils_limit_gives_its_pixels(small, tmp_path):
+    from PIL import PngImagePlugin
+
+    png = encode(Image.fromarray(small), "PNG")
+    text = b"Comment\0\0" + zlib.compress(b"x" * (PngImagePlugin.MAX_TEXT_CHUNK - 100))
+    many = png
+    for _ in range(PngImagePlugin.MAX_TEXT_MEMORY // PngImagePlugin.MAX_TEXT_CHUNK + 1):
+        many = _with_chunk(many, b"zTXt", text)
+    (tmp_path / "many.png").write_bytes(many)
+    with pytest.raises(ValueError, match="Too much memory used in text chunks"):
+        Image.open(io.BytesIO(many)).load()
+    np.testing.assert_array_equal(load_image(str(tmp_path / "many.png"), S), load_image(png, S))
+    broken = _with_chunk(png, b"zTXt", b"Comment\0\0" + b"not zlib")[:-30]  # truncated IDAT
+    with pytest.raises(ImageDecodeError):
+        load_image(broken, S)

@@ -33,7 +33,7 @@ def test_encode_stage_plain_list_keeps_fields_order_and_last_batch(model, sample
     assert [s["__key__"] for s in out] == [s["__key__"] for s in subset]
     for got, want in zip(out, subset, strict=True):
         assert {k: v for k, v in got.items() if k != "vqgan.npy"} == want  # all else untouched
-        assert got["vqgan.npy"].dtype == np.uint8  # smallest dtype for a 64-entry codebook
+        assert got["vqgan.npy"].dtype == np.uint16  # the record's dtype up to 65,536 codes
         np.testing.assert_array_equal(got["vqgan.npy"], reference[want["__key__"]])
     assert stage.stats.samples_in == 5 and stage.stats.encoded == 5
     assert subset[0].keys() == {"__key__", "jpg", "txt", "json"}  # inputs not mutated

@@ -106,7 +106,7 @@ def check_outputs(paths, samples, reference, *, keep_image=False):
     for got, want in zip(out, samples, strict=True):
         assert got["txt"] == want["txt"] and got["json"] == want["json"]
         tokens = tokens_of(got)
-        assert tokens.dtype == np.uint8 and tokens.shape == (256,)
+        assert tokens.dtype == np.uint16 and tokens.shape == (256,)  # up to 65,536 codes
         np.testing.assert_array_equal(tokens, reference[want["__key__"]])
         assert ("jpg" in got or "png" in got) == keep_image
 

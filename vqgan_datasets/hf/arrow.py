@@ -15,6 +15,10 @@ that a new `datasets` release is checked here and nowhere else. Checked against 
 - `datasets.arrow_writer.get_parquet_column_options` / `get_writer_batch_size_from_features`
   and `config.DEFAULT_CDC_OPTIONS`: how `Dataset.to_parquet` writes a shard, repeated by
   `write_parquet`, which also puts key-value metadata in the file's schema (to_parquet cannot).
+- A split saved with no rows: `save_to_disk` writes no data file for it (unless given
+  `num_shards`) and leaves `"_data_files": []` in its `state.json`, which `load_from_disk`
+  cannot read back; `save_to_disk`/`load_from_disk` here handle both sides. And `map` returns
+  a dataset with no rows as it is, without calling the function (`fill_empty_splits`).
 - `IterableDataset._ex_iterable` (and each wrapper's `ex_iterable`), whose innermost
   `kwargs["files"]` lists the data files of a stream read by a packaged builder: how
   `stream_files` finds the parquet files behind `load_dataset("parquet", ..., streaming=True)`,
@@ -32,7 +36,7 @@ values.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -49,8 +53,10 @@ __all__ = [
     "column_names",
     "decodes_images",
     "embed_storage",
+    "empty_split",
     "estimate_nbytes",
     "features_of",
+    "fill_empty_splits",
     "fixed_size_list",
     "image_array",
     "infos",
@@ -58,9 +64,11 @@ __all__ = [
     "is_map_style",
     "is_unformatted_dataset",
     "key_values",
+    "load_from_disk",
     "parse_size",
     "path_of",
     "python_codes",
+    "save_to_disk",
     "set_lazy_columns",
     "stream_files",
     "take",
@@ -140,7 +148,37 @@ def arrow_images(column) -> list:
     if pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_binary(kind) \
             or pa.types.is_large_binary(kind):
         return column.to_pylist()
-    return [None if v is None else np.asarray(v, dtype=np.uint8) for v in column.to_pylist()]
+    leaf = _leaf_dtype(kind)
+    return [None if v is None else _nested_array(v, leaf) for v in column.to_pylist()]
+
+
+def _leaf_dtype(kind) -> np.dtype | None:
+    """The numpy dtype of a (nested, possibly extension-typed) list column's values, or None."""
+    import pyarrow as pa
+
+    for _ in range(32):  # nesting depth; images have at most 3 levels
+        kind = getattr(kind, "storage_type", kind)  # datasets' Array2D/3D extension types
+        if not (pa.types.is_list(kind) or pa.types.is_large_list(kind)
+                or pa.types.is_fixed_size_list(kind)):
+            break
+        kind = kind.value_type
+    try:
+        return np.dtype(kind.to_pandas_dtype())
+    except (NotImplementedError, TypeError):
+        return None
+
+
+def _nested_array(value: Any, leaf: np.dtype | None) -> Any:
+    """A row of nested lists as an array of the column's own value type (uint8 stays uint8,
+    float stays float: the dtype rules of array inputs apply). Other value types, and rows that
+    are not rectangular, are passed on as lists, which `images.load_image` reads as numpy
+    would, refusing what array inputs refuse, by name."""
+    if leaf is None or not (leaf in (np.uint8, np.uint16, np.bool_) or leaf.kind == "f"):
+        return value
+    try:
+        return np.asarray(value, dtype=leaf)
+    except (ValueError, TypeError, OverflowError):
+        return value
 
 
 def as_input(value: Any) -> Any:
@@ -298,6 +336,66 @@ def features_of(dataset: Any):
         first = next(iter(dataset.values()), None)
         return None if first is None else first.features
     return getattr(dataset, "features", None)
+
+
+def empty_split(dataset: Any, features: Any) -> Any:
+    """A 0-row `Dataset` with `features`, keeping `dataset`'s split name and description."""
+    from datasets import Dataset
+
+    out = Dataset.from_dict({name: [] for name in features}, features=features,
+                            split=dataset.split)
+    out.info.description = dataset.info.description
+    return out
+
+
+def fill_empty_splits(dataset: Any, column: str, output_features: Callable[[Any], Any]) -> Any:
+    """`map`'s output with every 0-row split lacking `column` given `output_features(its
+    features)`: datasets' `map` returns an empty dataset as it is (the caller's
+    remove_columns applied), without calling the function."""
+    from datasets import DatasetDict
+
+    if isinstance(dataset, DatasetDict):
+        return DatasetDict({name: fill_empty_splits(split, column, output_features)
+                            for name, split in dataset.items()})
+    if not is_map_style(dataset) or len(dataset) or column in dataset.features:
+        return dataset
+    return empty_split(dataset, output_features(dataset.features))
+
+
+def save_to_disk(dataset: Any, path: str | os.PathLike) -> None:
+    """`dataset.save_to_disk(path)` (a Dataset or DatasetDict) that a 0-row split survives:
+    datasets writes no data file for one unless told to write one, then cannot load it."""
+    if hasattr(dataset, "features"):
+        dataset.save_to_disk(os.fspath(path), num_shards=None if len(dataset) else 1)
+    else:
+        dataset.save_to_disk(os.fspath(path),
+                             num_shards={name: 1 for name, split in dataset.items() if not len(split)})
+
+
+def load_from_disk(path: str | os.PathLike) -> Any:
+    """`datasets.load_from_disk(path)`, also for a split saved with no data file (0 rows, as
+    datasets' `save_to_disk` leaves one), which datasets itself fails to read."""
+    import json
+
+    import datasets
+
+    root = os.fspath(path)
+    state = os.path.join(root, "state.json")
+    if "://" not in root and os.path.isdir(root) and os.path.isfile(state):
+        with open(state, encoding="utf-8") as f:
+            saved = json.load(f)
+        if isinstance(saved, dict) and saved.get("_data_files") == []:
+            info = datasets.DatasetInfo.from_directory(root)
+            return datasets.Dataset.from_dict({name: [] for name in info.features or {}},
+                                              features=info.features, info=info,
+                                              split=saved.get("_split"))
+    splits_file = os.path.join(root, "dataset_dict.json")
+    if "://" not in root and os.path.isfile(splits_file):
+        with open(splits_file, encoding="utf-8") as f:
+            names = json.load(f).get("splits", [])
+        return datasets.DatasetDict({name: load_from_disk(os.path.join(root, name))
+                                     for name in names})
+    return datasets.load_from_disk(root)
 
 
 def infos(dataset: Any) -> list:

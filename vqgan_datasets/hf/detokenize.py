@@ -39,8 +39,10 @@ class VQGANDetokenizer:
     rows accessed are decoded) and `IterableDataset.map` (streamed, nothing materialized).
 
     With `map` on an unformatted `Dataset` the token column is dropped unless `keep_tokens`,
-    and the images are written as an `Image()` feature. As a transform, every other column is
-    returned unchanged. `grid` (h, w) defaults to a square. `token_column` (default
+    and the images are written as an `Image()` feature; `IterableDataset.map` (and `map` on a
+    formatted dataset) keeps it, as datasets merges a function's output into each row:
+    `detok.apply(ds)` drops it for every kind. As a transform, every other column is returned
+    unchanged. `grid` (h, w) defaults to a square. `token_column` (default
     "vqgan_tokens"), `output_column` (the images, default "image") and `batch_size` (per device;
     None: the engine's default) may also come from `options`, read as the tokenizer's: tokens in
     its output_field, images in its image_field.
@@ -199,6 +201,23 @@ class VQGANDetokenizer:
                 out[name] = feature
         out[self.output_column] = Image()
         return out
+
+    def apply(self, dataset: Any, **map_kwargs: Any) -> Any:
+        """`dataset.map(self, batched=True, ...)` with one result for every kind of dataset: the
+        images added, the token column dropped unless keep_tokens. (A stream's or a formatted
+        dataset's `map` merges the function's output into each row, so the column would stay;
+        those get `remove_columns=[token_column]` and `features=`.)"""
+        map_kwargs["batched"] = True
+        if not self.keep_tokens and not hf_arrow.is_unformatted_dataset(dataset):
+            removed = list(map_kwargs.get("remove_columns") or [])
+            map_kwargs["remove_columns"] = removed + [self.token_column] * (
+                self.token_column not in removed)
+            features = hf_arrow.features_of(dataset)
+            if features is not None and "features" not in map_kwargs:
+                map_kwargs["features"] = self.features(
+                    {k: v for k, v in features.items() if k not in map_kwargs["remove_columns"]})
+        out = dataset.map(self, **map_kwargs)  # an empty split: not called, columns given here
+        return hf_arrow.fill_empty_splits(out, self.output_column, self.features)
 
     def __reduce__(self):
         pool = sent_to_worker_pool(repr(self))

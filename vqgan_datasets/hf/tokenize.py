@@ -438,7 +438,8 @@ class VQGANTokenizer:
                 map_kwargs["features"] = self.features(kept)
         if self.keep_image and "writer_batch_size" not in map_kwargs and hf_arrow.is_map_style(dataset):
             map_kwargs["writer_batch_size"] = 100
-        out = dataset.map(self, **map_kwargs)
+        out = dataset.map(self, **map_kwargs)  # an empty split: not called, columns given here
+        out = hf_arrow.fill_empty_splits(out, self.output_column, self.features)
         return write_metadata(out, self.spec, self.output_column)
 
 

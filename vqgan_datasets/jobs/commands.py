@@ -29,21 +29,23 @@ from .inputs import (
     open_images,
     parquet_files,
     row_names,
+    source_files,
+    token_shard_files,
 )
+from .overlap import check_outputs, check_shard_outputs
+from .summaries import row_failures, sample_errors
 
 if TYPE_CHECKING:  # imported where used: the CLI imports this module without JAX
     from ..metadata import TokenizerSpec
     from ..options import EncodeOptions
     from .manifest import Manifest
 
-__all__ = ["DATASET_FILES", "DEMO_IMAGES", "DEMO_MODEL", "IMAGE_SUFFIXES", "MAX_LISTED_FAILURES",
-           "MAX_NAME_BYTES", "convert", "decode", "demo", "encode", "info", "is_shard_source",
-           "manifest_summary", "open_images", "preview", "report"]
+__all__ = ["DATASET_FILES", "IMAGE_SUFFIXES", "MAX_LISTED_FAILURES", "MAX_NAME_BYTES", "convert",
+           "decode", "encode", "info", "is_shard_source", "manifest_summary", "open_images",
+           "preview", "report"]
 
 logger = logging.getLogger(__name__)
 
-DEMO_MODEL = Path(__file__).resolve().parents[2] / "model" / "demo"
-DEMO_IMAGES = Path(__file__).resolve().parents[2] / "examples" / "images"
 
 
 def encode(
@@ -66,6 +68,8 @@ def encode(
     num_actors: int | None = None,
     gpus_per_actor: float = 0,
     multihost: dict[str, Any] | None = None,
+    overwrite: bool = False,
+    verify: bool = False,
 ) -> dict[str, Any]:
     """Tokenize `source` into `output`: a datasets directory, or token shards for shard input.
 
@@ -76,8 +80,12 @@ def encode(
     `distributed.initialize` arguments for a JAX multi-host run (each host converts its own
     shards, or its own part of a dataset). Returns a summary of what was done; `"complete"`
     is False when some shard failed (listed in `"failed_shards"`; a rerun retries them).
+    Shard output: `overwrite` converts finished shards again, `verify` checks the sha256 of
+    every finished shard (see `tokenize_shards`). An output that would overwrite an input
+    raises `OutputIsInputError` before anything is read.
     """
     from ..hf import DEFAULT_MODEL, VQGANTokenizer
+    from ..hf.arrow import save_to_disk
     from ..options import encode_options
 
     model = DEFAULT_MODEL if model is None else model
@@ -85,11 +93,16 @@ def encode(
                              batch_size=batch_size, on_error=on_error, preprocess=preprocess,
                              workers=workers, keep_image=keep_image)
     start = time.perf_counter()
+    shards = is_shard_source(source)
+    if shards:  # before anything is read: an output must never overwrite an input
+        check_shard_outputs(source, output)
+    else:
+        check_outputs(source_files(source), folders=[output])
     if multihost is not None:
         from . import distributed
 
         distributed.initialize(**multihost)
-    if is_shard_source(source):
+    if shards:
         if value_range is not None or dtype is not None:
             # Shard workers take these settings from the model itself (its reference).
             model = _load_model(model, dtype=dtype, value_range=value_range)
@@ -99,13 +112,14 @@ def encode(
             manifest = ray_tokenize(
                 os.fspath(source), os.fspath(output), model=model, options=options,
                 address=ray_address or None, num_actors=num_actors,
-                num_gpus_per_actor=gpus_per_actor,
+                num_gpus_per_actor=gpus_per_actor, overwrite=overwrite, verify=verify,
             )
         else:
             from .shards import tokenize_shards
 
             manifest = tokenize_shards(os.fspath(source), os.fspath(output), model=model,
-                                       options=options, progress=progress)
+                                       options=options, progress=progress,
+                                       overwrite=overwrite, verify=verify)
         return manifest_summary(manifest) | {"seconds": round(time.perf_counter() - start, 2)}
     import datasets
 
@@ -118,8 +132,16 @@ def encode(
         dataset = distributed.split_dataset(dataset)
         output = Path(output) / f"process-{distributed.process_index():05d}"
     tokenizer = VQGANTokenizer(model, options=options, value_range=value_range, dtype=dtype)
-    tokens = tokenizer.apply(dataset, desc="vqgan-datasets encode")
-    tokens.save_to_disk(os.fspath(output))
+    from ..pipeline.images import ImageDecodeError
+
+    try:  # rows named by their index in `source`, in errors
+        tokens = tokenizer.apply(dataset, desc="vqgan-datasets encode", with_indices=True)
+    except ImageDecodeError as err:
+        raise ImageDecodeError(
+            f"{os.fspath(source)}: {err}. To go on past bad images, pass --on-error skip (drop "
+            "them) or --on-error null (keep a null row with the reason); on_error= in Python"
+        ) from err
+    save_to_disk(tokens, output)  # a 0-row output stays readable
     seconds = time.perf_counter() - start
     # Counted from the output, so that a cache hit (nothing encoded in this process) reports
     # the same numbers as the run that made it.
@@ -136,6 +158,7 @@ def encode(
         "images_per_second": round(len(dataset) / seconds, 2) if seconds else None,
         "tokens_per_image": tokenizer.spec.sequence_length,
         "token_dtype": tokenizer.spec.token_dtype,
+        **row_failures(dataset, tokens, tokenizer.output_column, tokenizer.error_column, output),
     }
 
 
@@ -159,6 +182,7 @@ def manifest_summary(manifest: Manifest) -> dict[str, Any]:
         "members_skipped": manifest.members_skipped,  # tar members that were no sample, by why
         "images_per_second": round(manifest.images_per_second, 2),
         "failed_shards": [{"url": s.url, "error": s.error} for s in failed[:MAX_LISTED_FAILURES]],
+        **sample_errors(manifest),  # the first samples skipped or kept as nulls, and where all are
         "tokens_per_image": math.prod(manifest.spec.get("grid") or [0]) or None,
     }
 
@@ -173,6 +197,7 @@ def decode(
     batch_size: int | None = None,
     image_format: str = "png",
     limit: int | None = None,
+    on_error: str = "raise",
 ) -> dict[str, Any]:
     """Decode tokens into image files `output/{name}.{format}`.
 
@@ -180,25 +205,38 @@ def decode(
     token tar shards (a folder of them, a pattern, paths). `model` defaults to the one recorded
     with the tokens (a given one must match the record). `options` read as the tokenizer's:
     tokens in `output_field` (or `token_column`; for shards, the token field, "vqgan.npy"),
-    `batch_size` per device. Files are named after the file_name/key column, made safe (no
-    folders, no hidden or over-long names) and unique: a name already taken in this run, or
-    too long, gets a short hash of its key (`"renamed"` counts them). `"images"` counts the
-    files written."""
-    from ..options import encode_options
+    `batch_size` per device. Null rows (images `encode` could not read, kept under
+    on_error="null") have no tokens: they are counted (`"nulls"`) and skipped. Rows whose
+    tokens cannot be decoded (wrong length, ids outside the codebook) raise, naming the row,
+    or under `on_error="skip"` are counted (`"skipped"`, the first few in `"errors"`). `limit`
+    counts rows read. Files are named after the file_name/key column, made safe (no folders,
+    no hidden or over-long names) and unique: a name already taken in this run, or too long,
+    gets a short hash of its key (`"renamed"` counts them). `"images"` counts the files."""
+    from ..options import StageStats, encode_options
 
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip' for decode, got {on_error!r}")
+    if limit is not None and limit < 0:
+        raise ValueError(f"limit must be >= 0, got {limit}")
     options = encode_options(options, output_field=token_column, batch_size=batch_size)
+    urls = find_token_shards(source)
+    check_outputs(source_files(source) if urls is None else token_shard_files(urls),
+                  folders=[output])
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    names, written = _FileNames(image_format), 0
+    names, written, stats, nulls = _FileNames(image_format), 0, StageStats(), [0]
     from PIL import Image
 
-    for key, image in _decoded_images(source, model, options, limit):
+    for key, image in _decoded_images(source, urls, model, options, limit, on_error, stats,
+                                      nulls):
         Image.fromarray(image).save(output / names.name(key))
         written += 1
     seconds = time.perf_counter() - start
-    return {"output": str(output), "images": written, "renamed": names.renamed,
-            "renamed_examples": names.examples, "seconds": round(seconds, 2)}
+    return {"output": str(output), "images": written, "nulls": nulls[0],
+            "skipped": stats.skipped, "errors": stats.errors[:MAX_LISTED_FAILURES],
+            "renamed": names.renamed, "renamed_examples": names.examples,
+            "seconds": round(seconds, 2)}
 
 
 MAX_NAME_BYTES = 200  # a file name's stem; with the hash and the format, under 255 bytes
@@ -235,33 +273,44 @@ class _FileNames:
         return name
 
 
-def _decoded_images(source, model, options, limit) -> Iterator[tuple[object, np.ndarray]]:
-    """(key, uint8 image) pairs from a token dataset or token shards."""
-    urls = find_token_shards(source)
+def _decoded_images(source, urls, model, options, limit, on_error, stats,
+                    nulls) -> Iterator[tuple[object, np.ndarray]]:
+    """(key, uint8 image) pairs from a token dataset or token shards (`urls`); null rows are
+    counted in `nulls[0]` and skipped, bad token rows follow `on_error`."""
+    from ..options import ErrorPolicy
+    from ..pipeline.engine import get_engine
+    from ..streams import DEFAULT_ERROR_KEY, DecodeOptions, decode_stream
+
+    key = options.output_field or "vqgan.npy"
     if urls is not None:
         from .. import storage
-        from ..wds import stages
+        from ..handle import ModelHandle
 
         model, spec = _shard_model(os.fspath(source), model)
+        grid = None if spec is None else tuple(spec.grid)
+        loaded = ModelHandle.of(model).load()
         samples = itertools.chain.from_iterable(storage.read_shard(u) for u in urls)
-        stage = stages.decode(model, input_key=options.output_field or "vqgan.npy",
-                              output_format="numpy", batch_size=options.batch_size,
-                              keep_tokens=False, grid=None if spec is None else tuple(spec.grid))
-        for sample in itertools.islice(stage(samples), limit):
-            yield sample["__key__"], sample["png"]
-        return
-    from ..pipeline.engine import get_engine
+        error_key = options.error_field or DEFAULT_ERROR_KEY
+    else:
+        dataset, detok = _token_dataset_and_decoder(source, model, options)
+        if limit is not None:
+            dataset = dataset.select(range(min(limit, len(dataset))))
+        key, grid, loaded, error_key = detok.token_column, detok.grid, detok.model, None
+        rows = dataset.with_format("numpy", columns=[key])
+        samples = ({"__key__": name, key: row[key]}
+                   for name, row in zip(row_names(dataset), rows, strict=True))
 
-    dataset, detok = _token_dataset_and_decoder(source, model, options)
-    if limit is not None:
-        dataset = dataset.select(range(min(limit, len(dataset))))
-    names = row_names(dataset)
-    column = detok.token_column
-    codes = (np.asarray(row[column]) for row in dataset.with_format("numpy", columns=[column]))
-    engine = get_engine(detok.model, **options.engine_kwargs())
-    results = engine.decode_iter(codes, keys=names, grid=detok.grid)
-    for name, result in zip(names, results, strict=True):
-        yield name, result.image
+    def tokens_only():
+        for sample in itertools.islice(samples, limit):
+            if sample.get(key) is None and (error_key is None or error_key in sample):
+                nulls[0] += 1  # a null row: an image encode could not read
+                continue
+            yield sample
+
+    engine = get_engine(loaded, **options.engine_kwargs())
+    stream = DecodeOptions(input_key=key, output_format="numpy", keep_tokens=False, grid=grid)
+    for sample in decode_stream(tokens_only(), engine, stream, stats, ErrorPolicy(on_error)):
+        yield sample["__key__"], sample["png"]
 
 
 def _token_dataset_and_decoder(source, model, options):
@@ -270,6 +319,7 @@ def _token_dataset_and_decoder(source, model, options):
     import datasets
 
     from ..hf import VQGANDetokenizer
+    from ..hf.arrow import load_from_disk
     from ..hf.hub import read_column_metadata
 
     path = Path(os.fspath(source))
@@ -278,7 +328,7 @@ def _token_dataset_and_decoder(source, model, options):
         dataset = datasets.load_dataset("parquet", data_files=[str(p) for p in parquet],
                                         split="train")
     else:
-        dataset = datasets.load_from_disk(str(path))
+        dataset = load_from_disk(path)
         if isinstance(dataset, datasets.DatasetDict):
             dataset = dataset["train"] if "train" in dataset else next(iter(dataset.values()))
     column = options.output_field
@@ -349,6 +399,9 @@ def preview(
     """A PNG grid: `count` images from `source` above their reconstructions."""
     from ..report.build import preview as draw_preview
 
+    if count < 1:
+        raise ValueError(f"count must be >= 1, got {count}")
+    check_outputs(source_files(source), files=[output])
     images, _ = _sample_images(source, count)
     return draw_preview(_load_model(model), images, output, image_size=image_size,
                         columns=columns)
@@ -365,11 +418,15 @@ def report(
     """The HTML quality report for `model` on images from `source`, or on a token dataset."""
     from ..report.build import build_report
 
+    if max_samples < 1:
+        raise ValueError(f"max_samples must be >= 1, got {max_samples}")
+    check_outputs(source_files(source), folders=[output_dir])
     tokens = _token_dataset(Path(os.fspath(source)))
     if tokens is not None:
         dataset, column, spec = tokens
         loaded = _load_model(model if model is not None else spec.model_name)
-        rows = dataset.select(range(min(max_samples, len(dataset))))[column]
+        nulls = np.asarray(dataset.data.column(column).is_null())  # null rows: no tokens
+        rows = [dataset[int(i)][column] for i in np.flatnonzero(~nulls)[:max_samples]]
         return build_report(loaded, tokens=np.asarray(rows), out_dir=output_dir,
                             max_samples=max_samples)
     images, _ = _sample_images(source, max_samples)
@@ -381,11 +438,10 @@ def _token_dataset(path: Path) -> tuple[Any, str, Any] | None:
     """(dataset, token column, its TokenizerSpec) for a saved token dataset, else None."""
     if not (path.is_dir() and (path / "dataset_info.json").is_file()):
         return None
-    import datasets
-
+    from ..hf.arrow import load_from_disk
     from ..hf.hub import read_column_metadata
 
-    dataset = datasets.load_from_disk(str(path))
+    dataset = load_from_disk(path)
     try:
         column, spec = read_column_metadata(dataset, None)
     except ValueError:
@@ -422,6 +478,8 @@ def info(model: Any = None) -> dict[str, Any]:
         "image_size": spec.image_size,
         "tokens_per_image": spec.sequence_length,
         "token_dtype": spec.token_dtype,
+        "family": spec.family,
+        "preprocess": spec.preprocess,
         "devices": [f"{d.platform}:{d.id} {d.device_kind}" for d in devices],
         "process": f"{jax.process_index()} of {jax.process_count()}",
     }
@@ -431,38 +489,13 @@ def convert(
     checkpoint: str | os.PathLike,
     output_dir: str | os.PathLike,
     *,
+    family: str | None = None,
     config: str | os.PathLike | None = None,
-    value_range: tuple[float, float] = (-1.0, 1.0),
+    value_range: tuple[float, float] | None = None,
     unsafe_pickle: bool = False,
 ) -> Path:
-    """A taming-transformers .ckpt → a model directory (see taming.convert_taming_checkpoint)."""
-    from ..models.taming import convert_taming_checkpoint  # here: the CLI imports jobs without JAX
+    """A published tokenizer checkpoint → a model directory (see conversion.convert_checkpoint)."""
+    from ..models.conversion import convert_checkpoint  # here: the CLI imports jobs without JAX
 
-    return convert_taming_checkpoint(checkpoint, output_dir, config, value_range=value_range,
-                                     unsafe_pickle=unsafe_pickle)
-
-
-def demo(
-    output_dir: str | os.PathLike,
-    *,
-    model: str | os.PathLike | None = None,
-    images: str | os.PathLike | None = None,
-    progress: bool = True,
-) -> dict[str, Any]:
-    """The quickstart's main job, offline: tokenize the sample photos with the bundled demo
-    checkpoint into a datasets directory, decode them back, and write a preview grid."""
-    out = Path(output_dir)
-    model_dir = Path(model) if model is not None else DEMO_MODEL
-    image_dir = Path(images) if images is not None else DEMO_IMAGES
-    for what, path in (("demo checkpoint", model_dir), ("sample images", image_dir)):
-        if not path.is_dir():
-            raise FileNotFoundError(
-                f"{what} not found at {path}: run from a clone of the repository installed with "
-                "`pip install -e .`, or pass --model/--images"
-            )
-    encoded = encode(image_dir, out / "tokens", model=str(model_dir), on_error="raise",
-                     progress=progress)
-    decoded = decode(out / "tokens", out / "decoded")
-    grid = preview(image_dir, out / "preview.png", model=str(model_dir), count=encoded["rows_out"])
-    return {"tokens": encoded, "decoded": decoded, "preview": str(grid)}
-
+    return convert_checkpoint(checkpoint, output_dir, family, config, value_range=value_range,
+                              unsafe_pickle=unsafe_pickle)

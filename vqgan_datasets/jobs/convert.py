@@ -38,6 +38,7 @@ from ..metadata import METADATA_KEY, TokenizerSpec
 from ..options import EncodeOptions, SampleError, StageStats
 from ..storage import DEFAULT_MAX_MEMBER_BYTES, DEFAULT_MAX_SAMPLE_BYTES, ShardReadError
 from ..streams import DEFAULT_ERROR_KEY, DEFAULT_IMAGE_KEY, DEFAULT_OUTPUT_KEY, encode_stream
+from ..tarsamples import TarSampleWriter
 from . import claims
 from .manifest import (
     ShardReport,
@@ -46,6 +47,8 @@ from .manifest import (
     report_from_stats,
     stats_path,
 )
+from .overlap import check_shard_outputs
+from .verify import output_damage
 
 __all__ = ["OutputInUseError", "Plan", "ShardOptions", "convert_shard", "engine_for", "plan",
            "shard_settings"]
@@ -113,6 +116,7 @@ def convert_shard(
     on_sample_written: SampleCallback | None = None,
     wait: bool = True,
     run_id: str | None = None,
+    verify: bool = False,
 ) -> ShardReport:
     """Tokenize one tar shard into the tar `output`, exactly once; the report says what happened.
 
@@ -128,6 +132,8 @@ def convert_shard(
     The shard is written under its claim: while another live writer holds it, `wait` polls
     until it is free (then the shard is usually finished); `wait=False` returns at once with
     status "claimed" naming the holder. `run_id` goes into the claim, for those messages.
+    A finished shard whose tar no longer matches its stats (`output_damage`; `verify`: check
+    its sha256 in any case) is converted again.
     """
     options = options or EncodeOptions()
     if overwrite is None:
@@ -136,7 +142,7 @@ def convert_shard(
     spec = ModelHandle.of(engine.model).spec(options.image_size, preprocess=options.preprocess)
     settings = shard_settings(options)
     if not overwrite:
-        done = finished(url, output, listing, spec, settings)
+        done = finished(url, output, listing, spec, settings, verify, logging.INFO)
         if done is not None:
             return done
     claim_file = claims.claim_path(output)
@@ -147,7 +153,8 @@ def convert_shard(
                            status="claimed", error=f"{output} is being written by {holder}")
     try:
         # Afresh: another writer may have finished it since the listing (or while we waited).
-        done = None if overwrite else finished(url, output, None, spec, settings)
+        done = None if overwrite else finished(url, output, None, spec, settings, verify,
+                                               logging.INFO)
         if done is not None:
             return done
         return _write_shard(url, output, listing, engine, options, spec, settings, progress,
@@ -157,8 +164,10 @@ def convert_shard(
 
 
 def finished(url: str, target: str, names: set[str] | None, spec: TokenizerSpec,
-             settings: dict[str, Any]) -> ShardReport | None:
-    """The report of a shard an earlier run completed (stats JSON and tar both present), or None.
+             settings: dict[str, Any], verify: bool = False,
+             level: int = logging.WARNING) -> ShardReport | None:
+    """The report of a shard an earlier run completed (stats JSON and tar both present, the
+    tar as recorded: see `output_damage`; `verify` checks every hash), or None.
 
     Refuses to mix outputs: a finished shard made by another tokenizer, or with other fields
     (image_key, output_key, keep_image, error_key), raises. on_error may change between runs.
@@ -174,7 +183,12 @@ def finished(url: str, target: str, names: set[str] | None, spec: TokenizerSpec,
         return None
     why = _difference(stats.get(METADATA_KEY), stats.get("settings"), spec, settings)
     if why is not None:
-        raise ValueError(f"{target} was {why}; write to another output or pass overwrite=True")
+        raise ValueError(f"{target} was {why}; write to another output, or pass --overwrite "
+                         "(overwrite=True) to convert every shard again")
+    damage = output_damage(target, stats, check_hash=verify or None)
+    if damage is not None:
+        logger.log(level, "%s: %s; converting it again", target, damage)
+        return None
     return report_from_stats(url, target, stats_file, stats, "finished")
 
 
@@ -211,8 +225,6 @@ def _write_shard(url, target, names, engine, options, spec, settings, progress,
                  on_sample_written) -> ShardReport:
     """Write the shard; the caller holds its claim, so every temporary file of it is a dead
     writer's and may go."""
-    from webdataset import TarWriter
-
     started = time.monotonic()
     stats_file = stats_path(target)
     # A stale marker must go before the tar is replaced: a crash between the two renames must
@@ -232,8 +244,9 @@ def _write_shard(url, target, names, engine, options, spec, settings, progress,
         max_sample_bytes=getattr(options, "max_sample_bytes", DEFAULT_MAX_SAMPLE_BYTES))
     try:
         with storage.atomic_write(target) as f:
-            # PAX: any key length, UTF-8 names. Fields go out as _tar_fields made them.
-            writer = TarWriter(f, format="PAX_FORMAT", encoder=False, keep_meta=True)
+            # Fields go out as _tar_fields made them; the bytes are counted and hashed as they go.
+            written = _Digest(f)
+            writer = TarSampleWriter(written)
             try:
                 for sample in encode_stream(samples, engine, stream_options, stats):
                     writer.write(_tar_fields(sample))
@@ -279,6 +292,8 @@ def _write_shard(url, target, names, engine, options, spec, settings, progress,
         "members_skipped_not_listed": members.not_listed,
         "seconds": round(seconds, 3),
         "images_per_second": round(stats.encoded / seconds, 2) if seconds > 0 else 0.0,
+        "output_bytes": written.size,  # checked on every rerun, and by `verify`
+        "output_sha256": written.hexdigest(),
         "settings": settings,
         METADATA_KEY: spec.to_dict(),
     }
@@ -294,6 +309,23 @@ def _write_shard(url, target, names, engine, options, spec, settings, progress,
                        samples_in=stats.samples_in, encoded=stats.encoded,
                        skipped=stats.skipped, failed=stats.failed, seconds=seconds,
                        errors=stats.errors, members_skipped=dict(members.counts))
+
+
+class _Digest:
+    """A file being written, with the size and sha256 of what went into it."""
+
+    def __init__(self, f: Any) -> None:
+        import hashlib
+
+        self._f, self._hash, self.size = f, hashlib.sha256(), 0
+
+    def write(self, data: Any) -> int:
+        self._hash.update(data)
+        self.size += len(data)
+        return self._f.write(data)
+
+    def hexdigest(self) -> str:
+        return self._hash.hexdigest()
 
 
 def _tar_fields(sample: dict[str, Any]) -> dict[str, Any]:
@@ -380,12 +412,14 @@ class Plan:
 
 
 def plan(urls: list[str], output: str, mine: Sequence[int] | None, spec: TokenizerSpec,
-         options: EncodeOptions, *, overwrite: bool = False, run_id: str | None = None) -> Plan:
+         options: EncodeOptions, *, overwrite: bool = False, run_id: str | None = None,
+         verify: bool = False) -> Plan:
     """Name the outputs, take the run's record, list each output folder once and read the
     stats of every finished shard among `mine` (None: all). Every finished shard is checked
     before anything is written: a mismatch must stop the run before it adds a single shard
     made with other settings. So must another live run with other settings (OutputInUseError).
     The caller closes the plan when the run ends."""
+    check_shard_outputs(urls, output)  # before anything is written
     outputs = output_paths(urls, output)
     indices = range(len(urls)) if mine is None else mine
     directory = output_dir(output)
@@ -405,7 +439,8 @@ def plan(urls: list[str], output: str, mine: Sequence[int] | None, spec: Tokeniz
         _sweep_claims([outputs[i] for i in indices], result.listings)
         if not overwrite:
             found = storage.parallel(
-                lambda i: finished(urls[i], outputs[i], result.listing(i), spec, settings),
+                lambda i: finished(urls[i], outputs[i], result.listing(i), spec, settings,
+                                   verify),
                 list(indices),
             )
             result.finished = {i: r for i, r in zip(indices, found, strict=True)

@@ -238,7 +238,8 @@ def stats_path(output_file: str) -> str:
 
 def output_dir(output: str) -> str:
     """Where the manifest goes: the directory, or a pattern's directory before any field."""
-    return storage.split(output.split("{", 1)[0])[0] if "{" in output else output
+    fields = [i for i in (output.find("{shard"), output.find("{index")) if i >= 0]
+    return storage.split(output[: min(fields)])[0] if fields else output  # "{" may be a name's
 
 
 
@@ -348,9 +349,9 @@ def _folder(source: Source) -> str | None:
     if not isinstance(source, (str, os.PathLike)):
         return None
     path = normalize_output(source)
-    if "{" in path or "::" in path or path.startswith("pipe:"):
+    if "::" in path or path.startswith("pipe:"):
         return None
-    return path if storage.isdir(path) else None
+    return path if storage.isdir(path) else None  # by what it is: "{" may be in a folder name
 
 
 def _record_places(source: Source) -> list[list[str]]:

@@ -75,6 +75,7 @@ def tokenize(
     address: str | None = None,
     ray_remote_args: dict[str, Any] | None = None,
     on_sample_written: Callable[[str, int], Any] | None = None,
+    verify: bool = False,
 ) -> Manifest:
     """`tokenize_shards` on a Ray actor pool: the same outputs, stats files and resume rules.
 
@@ -104,7 +105,7 @@ def tokenize(
     spec = handle.spec(opts.image_size, preprocess=opts.preprocess)
     output = normalize_output(output)
     urls = storage.expand_urls(inputs)
-    todo = plan(urls, output, None, spec, opts, overwrite=overwrite)
+    todo = plan(urls, output, None, spec, opts, overwrite=overwrite, verify=verify)
     try:
         reports = _convert(todo, urls, handle, opts, overwrite, num_actors, num_gpus_per_actor,
                            num_cpus_per_actor, address, ray_remote_args, on_sample_written)

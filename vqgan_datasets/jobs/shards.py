@@ -49,6 +49,7 @@ __all__ = [
     "OutputInUseError",
     "ShardOptions",
     "ShardReadError",
+    "RunInterrupted",
     "ShardReport",
     "convert_shard",
     "expand_urls",
@@ -89,6 +90,7 @@ def tokenize_shards(
     worker_count: int | None = None,
     overwrite: bool = False,
     on_sample_written: Callable[[str, int], Any] | None = None,
+    verify: bool = False,
 ) -> Manifest:
     """Tokenize tar shards into tar shards: one output per input, same keys, tokens as .npy.
 
@@ -114,7 +116,11 @@ def tokenize_shards(
     One writer per shard: each is written under its claim, so runs with the same settings
     may share an output (each converts what the other does not hold, then waits for the rest);
     a run while another live run with another tokenizer or other settings writes the output
-    raises OutputInUseError at start. Tar members that are not samples are counted by reason
+    raises OutputInUseError at start. A finished shard whose tar no longer matches the size
+    (always checked) or sha256 (checked when cheap, or every one with `verify=True`) its stats
+    file records is converted again. An output that would overwrite an input raises
+    `OutputIsInputError` before anything is read. KeyboardInterrupt stops the run: the
+    manifest is written (shards not finished listed as failed) and `RunInterrupted` raised. Tar members that are not samples are counted by reason
     (`Manifest.members_skipped`); a truncated or corrupt input shard fails whole.
     """
     started = time.monotonic()
@@ -142,12 +148,19 @@ def tokenize_shards(
         detected[1] if worker_count is None else worker_count,
     )
     coordinated = process[1] > 1 and process == jax_split and worker[1] == 1
-    run = functools.partial(_run, inputs, output, handle, spec, opts, overwrite, process, worker,
-                            progress, on_sample_written)
+    reports: dict[int, ShardReport] = {}
+    run = functools.partial(_run, inputs, output, handle, spec, opts, (overwrite, verify),
+                            process, worker, progress, on_sample_written, reports)
     if coordinated:
         return _tokenize_multihost(run, inputs, output, spec, process, started)
 
-    manifest = run()
+    interrupted = None
+    try:
+        manifest = run()
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM where the caller made it one
+        # What was done is on disk: say so in the manifest, then stop as asked.
+        interrupted = e
+        manifest = _interrupted_manifest(inputs, output, spec, process, worker, reports)
     manifest.seconds = time.monotonic() - started
     name = MANIFEST_NAME if process[1] * worker[1] == 1 else (
         f"manifest-{process[0]:05d}-of-{process[1]:05d}-worker-{worker[0]:03d}.json"
@@ -155,19 +168,43 @@ def tokenize_shards(
     manifest.path = storage.join(output_dir(output), name)
     storage.write_json(manifest.path, manifest.to_dict())
     log_summary(manifest)
+    if interrupted is not None:
+        raise RunInterrupted(manifest) from interrupted
     return manifest
 
 
-def _run(inputs, output, handle, spec, options, overwrite, process, worker, progress,
-         on_sample_written) -> Manifest:
+class RunInterrupted(KeyboardInterrupt):
+    """A shard run stopped by KeyboardInterrupt after writing its manifest (`.manifest`):
+    shards written before are finished, the others are listed as not converted."""
+
+    def __init__(self, manifest: Manifest) -> None:
+        super().__init__(f"interrupted; manifest {manifest.path}")
+        self.manifest = manifest
+
+
+def _interrupted_manifest(inputs, output, spec, process, worker, reports) -> Manifest:
+    """This run's shards as the disk has them (a stats file: done), after an interruption."""
+    urls = expand_urls(inputs)
+    mine = distributed.assign(len(urls), process, worker)
+    outputs = output_paths(urls, output)
+    found = collect(urls, output, {outputs[i]: r for i, r in reports.items()},
+                    lambda i: "the run was interrupted")
+    return Manifest(output=output, shards=[found.shards[i] for i in mine], spec=spec.to_dict(),
+                    process_index=process[0], process_count=process[1],
+                    worker_index=worker[0], worker_count=worker[1])
+
+
+def _run(inputs, output, handle, spec, options, redo, process, worker, progress,
+         on_sample_written, reports: dict[int, ShardReport]) -> Manifest:
     """This process's (and worker's) shards, one after the other; their manifest, unwritten.
+    `reports` fills in as shards end (what an interrupted run did).
 
     A shard another live writer holds (a concurrent run with the same settings) is put off,
     and waited for after the others: by then it is usually finished, and is reported so."""
     urls = expand_urls(inputs)
     mine = distributed.assign(len(urls), process, worker)
-    todo = plan(urls, output, mine, spec, options, overwrite=overwrite)
-    reports: dict[int, ShardReport] = {}
+    overwrite, verify = redo
+    todo = plan(urls, output, mine, spec, options, overwrite=overwrite, verify=verify)
     engine = None
 
     from tqdm.auto import tqdm
@@ -186,7 +223,7 @@ def _run(inputs, output, handle, spec, options, overwrite, process, worker, prog
                                            options=options, overwrite=overwrite,
                                            listing=todo.listing(i), progress=bar.update,
                                            on_sample_written=on_sample_written, wait=wait,
-                                           run_id=todo.run_id)
+                                           run_id=todo.run_id, verify=verify)
                     if report.status == "claimed":
                         logger.info("%s; converting the other shards first", report.error)
                         put_off.append(i)

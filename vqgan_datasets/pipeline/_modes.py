@@ -251,3 +251,26 @@ def array_to_rgb(a: np.ndarray) -> np.ndarray:
     if a.shape[2] == 4:
         return _composite(a, WHITE)
     return np.ascontiguousarray(a)
+
+
+def nested_to_array(image: list | tuple) -> np.ndarray:
+    """Nested lists read as ``np.asarray`` reads them (floats -> float64, ints -> int64), so
+    that the dtype rules and value ranges of array inputs apply unchanged; ValueError otherwise."""
+    try:
+        array = np.asarray(image)
+    except (ValueError, TypeError, OverflowError) as e:
+        raise ValueError(
+            f"nested lists are not a rectangular HxW or HxWxC array of numbers ({e})"
+        ) from None
+    if array.dtype.kind in "iu" and array.dtype not in (np.uint8, np.uint16):
+        raise ValueError(
+            f"nested lists of integers, read as numpy reads them, give dtype {array.dtype} "
+            f"(shape {array.shape}); array inputs take uint8 (0..255), uint16, bool or floats "
+            "([0, 1], or [0, 255] when the max is above 1): give floats, a uint8 array, or "
+            "store the column as datasets.Array3D(shape, 'uint8')"
+        )
+    if array.dtype.kind not in "buf":
+        raise ValueError(
+            f"nested lists of shape {array.shape} hold {array.dtype} values, not numbers"
+        )
+    return array

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["Batch", "LocalTask", "Prepared", "chunked", "took_too_long"]
+__all__ = ["Batch", "LocalTask", "Prepared", "check_code_row", "chunked", "code_batch",
+           "took_too_long"]
 
 
 def chunked(items: Iterator, keys: Iterable | None, size: int) -> Iterator[tuple[list, list]]:
@@ -36,6 +37,36 @@ def chunked(items: Iterator, keys: Iterable | None, size: int) -> Iterator[tuple
             )
         index += len(chunk_items)
         yield chunk_keys, chunk_items
+
+
+def check_code_row(key, array: np.ndarray, length: int | None) -> int:
+    """The length of one token row, refused (naming its key) unless integer ids [h*w] of
+    `length` (None: any)."""
+    if array.ndim != 1 or not np.issubdtype(array.dtype, np.integer):
+        raise ValueError(
+            f"codes for key {key!r}: expected integer token ids [h*w], got {array.dtype} "
+            f"{array.shape}"
+        )
+    if length is not None and array.shape[0] != length:
+        raise ValueError(
+            f"codes for key {key!r} hold {array.shape[0]} tokens, earlier ones {length} "
+            "(one grid per stream)"
+        )
+    return array.shape[0]
+
+
+def code_batch(keys: list, rows: list, length: int, codebook_size: int) -> tuple[list, np.ndarray]:
+    """(keys, int32 codes [n, length]) for one device call, every row checked first."""
+    from ..models.modeling import check_codes  # the engine's side only: workers never load JAX
+
+    arrays = [np.asarray(row) for row in rows]
+    for key, array in zip(keys, arrays, strict=True):
+        check_code_row(key, array, length)
+        try:
+            check_codes(array, codebook_size)
+        except ValueError as e:
+            raise ValueError(f"codes for key {key!r}: {e}") from None
+    return keys, np.stack(arrays).astype(np.int32, copy=False)
 
 
 @dataclass

@@ -31,8 +31,14 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from ..models import modeling
 from ..models.modeling import VQModel
 from . import images as images_lib
-from .batches import Prepared, chunked
-from .engine_settings import bucket_sizes, check_int, default_batch_size, resolve_settings
+from .batches import Prepared, check_code_row, chunked, code_batch
+from .engine_settings import (
+    bucket_sizes,
+    check_int,
+    default_batch_size,
+    resolve_settings,
+    rows_that_fit,
+)
 from .forks import check_fork_safety
 from .images import ImageDecodeError, OnError
 from .workers import DEFAULT_SAMPLE_TIMEOUT_S, WorkerPool
@@ -127,6 +133,7 @@ class Engine:
             out_shardings=self._batch_sharding,
         )
         self._decode_fns: dict[tuple[int, int], Callable] = {}
+        self._shrunk: set[tuple[int, int, bool]] = set()  # sizes whose batches were made smaller
         self._pools_lock = threading.Lock()
         self._load_pool: WorkerPool | None = None
         self._pool_finalizer: weakref.finalize | None = None
@@ -157,8 +164,9 @@ class Engine:
         check_fork_safety("Engine.encode")
         images = self._check_images(images)
         n, f = images.shape[0], self.config.downsample_factor
+        rows = self._rows(images.shape[1], images.shape[2]) if n else 1
         out = np.empty((n, (images.shape[1] // f) * (images.shape[2] // f)), np.int32)
-        self._whole(self._encode_fn, images, out)
+        self._whole(self._encode_fn, images, out, rows)
         self.stats.samples_in += n
         self.stats.encoded += n
         return out
@@ -179,8 +187,9 @@ class Engine:
         modeling.check_codes(codes, self.config.n_embed)
         codes = codes.astype(np.int32, copy=False)  # one compiled dtype whatever the storage
         n, f = codes.shape[0], self.config.downsample_factor
+        rows = self._rows(grid[0] * f, grid[1] * f, decode=True) if n else 1
         out = np.empty((n, grid[0] * f, grid[1] * f, self.config.out_ch), np.uint8)
-        self._whole(self._decode_fn(grid), codes, out)
+        self._whole(self._decode_fn(grid), codes, out, rows)
         self.stats.decoded += n
         return out
 
@@ -195,7 +204,8 @@ class Engine:
         Keys default to running indices. A bad input raises `ImageDecodeError` naming its key
         ("raise", after every earlier result was yielded), is left out and counted ("skip"),
         or comes back as `EncodeResult(key, None, reason)` ("null"). `preprocess` is "exact"
-        or "fast" (see `images`); `draft` is deprecated and ignored. Memory stays bounded for
+        (the model family's own), "fast" or a name (see `images`); `draft` is deprecated and
+        ignored. Memory stays bounded for
         unbounded inputs: at most (prefetch + 2) global batches are read ahead of the consumer.
         """
         check_fork_safety("Engine.encode_iter")
@@ -206,6 +216,8 @@ class Engine:
                              f"{preprocess!r}")
         if draft is not None:
             _warn_draft()
+        if preprocess == "exact":  # the model family's own preprocessing
+            preprocess = self.config.preprocess
         size = self.config.resolution if image_size is None else image_size
         check_int("image_size", size, minimum=1)
         f = self.config.downsample_factor
@@ -213,7 +225,11 @@ class Engine:
             raise ValueError(
                 f"image_size {size} is not a multiple of the model's downsample factor {f}"
             )
-        return self._encode_stream(iter(images), keys, int(size), on_error, preprocess)
+        try:  # before any image is read: a size the devices cannot hold fails at once
+            rows = self._rows(int(size), int(size))
+        except ValueError as e:
+            raise ValueError(f"image_size {size}: {e}") from None
+        return self._encode_stream(iter(images), keys, int(size), on_error, preprocess, rows)
 
     def decode_iter(
         self, codes: Iterable[np.ndarray], *, keys: Iterable | None = None,
@@ -278,8 +294,18 @@ class Engine:
         self.stats.padded_rows += bucket - n
         return out
 
-    def _whole(self, fn: Callable, rows: np.ndarray, out: np.ndarray) -> None:
-        step = self.global_batch_size
+    def _rows(self, height: int, width: int, *, decode: bool = False) -> int:
+        """Rows per device call for images of this size: the global batch, or the largest
+        bucket whose images fit the devices' free memory (logged once per size)."""
+        rows = rows_that_fit(self.config, height, width, self.buckets, self.devices,
+                             decode=decode)
+        if rows < self.global_batch_size and (height, width, decode) not in self._shrunk:
+            self._shrunk.add((height, width, decode))
+            logger.warning("%dx%d images: %d per device call instead of %d, to fit the devices' "
+                           "free memory", height, width, rows, self.global_batch_size)
+        return rows
+
+    def _whole(self, fn: Callable, rows: np.ndarray, out: np.ndarray, step: int) -> None:
         batches = ((start, rows[start : start + step]) for start in range(0, len(rows), step))
         for start, result in self._pipelined(fn, batches):
             out[start : start + len(result)] = result
@@ -313,11 +339,12 @@ class Engine:
             return pool
 
     def _encode_stream(
-        self, items: Iterator, keys: Iterable | None, size: int, on_error: str, preprocess: str
+        self, items: Iterator, keys: Iterable | None, size: int, on_error: str, preprocess: str,
+        rows: int,
     ) -> Iterator[EncodeResult]:
         # At most max(1, prefetch) + 1 batches preprocessed or queued, one on the devices.
         prepared = self._pool().stream(
-            items, keys, batch_size=self.global_batch_size, ahead=self.prefetch,
+            items, keys, batch_size=rows, ahead=self.prefetch,
             image_size=size, preprocess=preprocess,
         )
         batches = (((chunk_keys, batch), batch.pixels) for chunk_keys, batch in prepared)
@@ -362,19 +389,16 @@ class Engine:
         first = next(chunks, None)
         if first is None:
             return
-        length = _check_code_row(first[0][0], np.asarray(first[1][0]), None)
+        length = check_code_row(first[0][0], np.asarray(first[1][0]), None)
         grid = self._grid(length, grid)
+        f = self.config.downsample_factor
+        rows = self._rows(grid[0] * f, grid[1] * f, decode=True)
 
         def batches():
-            for chunk_keys, chunk in itertools.chain([first], chunks):
-                arrays = [np.asarray(c) for c in chunk]
-                for key, array in zip(chunk_keys, arrays, strict=True):
-                    _check_code_row(key, array, length)
-                    try:
-                        modeling.check_codes(array, self.config.n_embed)
-                    except ValueError as e:
-                        raise ValueError(f"codes for key {key!r}: {e}") from None
-                yield chunk_keys, np.stack(arrays).astype(np.int32, copy=False)
+            for whole_keys, whole in itertools.chain([first], chunks):
+                yield from (code_batch(whole_keys[start:start + rows], whole[start:start + rows],
+                                       length, self.config.n_embed)
+                            for start in range(0, len(whole), rows))
 
         for chunk_keys, pixels in self._pipelined(self._decode_fn(grid), batches()):
             self.stats.decoded += len(chunk_keys)
@@ -419,20 +443,6 @@ def _fetch(tag, n: int, out: jax.Array | None):
     if out is None:
         return tag, np.empty((0,), np.int32)
     return tag, np.asarray(out)[:n]
-
-
-def _check_code_row(key, array: np.ndarray, length: int | None) -> int:
-    if array.ndim != 1 or not np.issubdtype(array.dtype, np.integer):
-        raise ValueError(
-            f"codes for key {key!r}: expected integer token ids [h*w], got {array.dtype} "
-            f"{array.shape}"
-        )
-    if length is not None and array.shape[0] != length:
-        raise ValueError(
-            f"codes for key {key!r} hold {array.shape[0]} tokens, earlier ones {length} "
-            "(one grid per stream)"
-        )
-    return array.shape[0]
 
 
 def _warn_draft() -> None:

@@ -2,7 +2,7 @@
 
 This is the only module that knows about image files, PIL modes, EXIF, decompression bombs and
 resizing (its private helpers: ``_modes`` for modes and EXIF, ``_resize`` for geometry and
-DCT-scaled JPEG decoding).
+DCT-scaled JPEG decoding, ``_open`` for headers and PNGs with oversized metadata).
 ``preprocess`` is one of ``PREPROCESS_MODES``:
 
 ``"exact"`` (default) is the seed's preprocessing (the taming / dalle-mini notebook): a full
@@ -13,7 +13,7 @@ is already ``S x S`` is not resampled. Bytes, paths and URLs, ``{"bytes", "path"
 images and arrays of the same image give the same pixels. Past a 16:1 aspect ratio the seed's
 whole-image intermediate is not built: only the crop region is resampled, with the same passes
 (PIL takes the region as float32, so a few values may move by a level or two).
-``PREPROCESS_DESCRIPTIONS`` names each mode's parameters for token metadata.
+``PREPROCESS_DESCRIPTIONS`` names each mode's parameters; the families' own are in ``_resize``.
 
 ``"fast"``: a JPEG file is decoded by libjpeg-turbo's DCT scaling (1/2, 1/4, 1/8) to the
 smallest scale whose sides both reach the resize target times a margin (1.03x for 1/2, 1.05x
@@ -92,17 +92,21 @@ from ._modes import (
     jpeg_orientation,
     load_first_frame,
     mode_to_rgb,
+    nested_to_array,
     orientation_of,
     owned_to_rgb,
     to_rgb,
     upright,
 )
+from ._open import declared_size, describe_bytes, refused_for_metadata, without_metadata
 from ._resize import (
+    FAMILY_PREPROCESSING,
     FAST_DESCRIPTION,
+    METHOD_DESCRIPTIONS,
     draft_jpeg,
     fast_jpeg,
     jpeg_header,
-    resize_crop,
+    resize_by_mode,
     simplejpeg_available,
 )
 
@@ -124,15 +128,16 @@ __all__ = [
 ]
 
 ImageInput: TypeAlias = (
-    Image.Image | bytes | bytearray | memoryview | str | os.PathLike | dict | np.ndarray
+    Image.Image | bytes | bytearray | memoryview | str | os.PathLike | dict | np.ndarray | list
 )
 OnError = Literal["raise", "skip", "null"]
-Preprocess = Literal["exact", "fast"]
-PREPROCESS_MODES: tuple[str, ...] = ("exact", "fast")
+Preprocess = str  # one of PREPROCESS_MODES
+PREPROCESS_MODES: tuple[str, ...] = ("exact", "fast", *FAMILY_PREPROCESSING)
 # One line per mode for token metadata; the fast line names every parameter of the mode.
 PREPROCESS_DESCRIPTIONS = {
-    "exact": "full decode; shortest side to image_size, LANCZOS; center crop (the seed's)",
+    "exact": METHOD_DESCRIPTIONS["lanczos_center_crop"],
     "fast": FAST_DESCRIPTION,
+    **METHOD_DESCRIPTIONS,
 }
 
 # PIL's default Image.MAX_IMAGE_PIXELS, fixed here so that a caller changing PIL's global
@@ -196,7 +201,7 @@ def _open_image(fp: IO[bytes], max_pixels: int | None) -> Image.Image:
     if image is not None:
         _check_pixels(image.size, max_pixels)
         return image
-    size = _declared_size(fp)
+    size = declared_size(fp)
     if size is None:
         raise ImageDecodeError(f"refused by PIL as a decompression bomb: {bomb}")
     _check_pixels(size, max_pixels)
@@ -226,48 +231,26 @@ def _check_pixels(size: tuple[int, int], max_pixels: int | None) -> None:
         )
 
 
-def _declared_size(fp: IO[bytes]) -> tuple[int, int] | None:
-    """Header size of a file PIL refused to open, for the error message only.
-
-    Runs the format plugins' header parsers as Image.open does, minus its bomb check;
-    nothing is decoded.
-    """
-    try:
-        fp.seek(0)
-        prefix = fp.read(16)
-        for fmt in Image.ID:
-            factory, accept = Image.OPEN[fmt]
-            accepted = not accept or accept(prefix)
-            if not accepted or isinstance(accepted, str):
-                continue
-            fp.seek(0)
-            try:
-                return factory(fp, "").size
-            except Exception:
-                continue
-    except Exception:
-        return None
-    return None
-
-
-def _describe_bytes(fp: IO[bytes]) -> str:
-    try:
-        size = fp.seek(0, os.SEEK_END)
-        fp.seek(0)
-        return f"{size} bytes, starts with {fp.read(16)!r}"
-    except Exception:
-        return "unreadable"
-
-
 def _decode_file(
-    fp: IO[bytes], source: str, image_size: int, fast: bool, max_pixels: int | None
+    fp: IO[bytes], source: str, image_size: int, mode: str, max_pixels: int | None
+) -> np.ndarray:
+    try:
+        return _decode_whole(fp, source, image_size, mode, max_pixels)
+    except ImageDecodeError as e:  # a PNG whose text or ICC chunks exceed PIL's limits: see _open
+        if not refused_for_metadata(e.__cause__) or (stripped := without_metadata(fp)) is None:
+            raise
+        return _decode_whole(stripped, source, image_size, mode, max_pixels)
+
+
+def _decode_whole(
+    fp: IO[bytes], source: str, image_size: int, mode: str, max_pixels: int | None
 ) -> np.ndarray:
     named = f" {source}" if source else ""
     try:
         image = _open_image(fp, max_pixels)
     except UnidentifiedImageError:
         raise ImageDecodeError(
-            f"cannot identify image file{named} ({_describe_bytes(fp)})"
+            f"cannot identify image file{named} ({describe_bytes(fp)})"
         ) from None
     except ImageDecodeError:
         raise
@@ -276,13 +259,14 @@ def _decode_file(
     with image:
         width, height = image.size  # the declared size: a draft shrinks image.size
         kind = image.format or "image"
-        fast = fast and kind in _JPEG_FORMATS  # other formats: decoding dominates, stay exact
+        fast = mode == "fast" and kind in _JPEG_FORMATS  # other formats: decoding dominates
         try:
             orientation = orientation_of(image)
             size = (height, width) if orientation >= 5 else (width, height)  # upright
             box = draft_jpeg(image, image_size, orientation) if fast else None
             rgb = owned_to_rgb(image, orientation)
-            return resize_crop(rgb, image_size, fast=fast, size=size, box=box)
+            return resize_by_mode(rgb, image_size, mode if fast or mode != "fast" else "exact",
+                                  size=size, box=box)
         except ImageDecodeError:
             raise
         except Exception as e:
@@ -355,13 +339,13 @@ def _open_path(path: str | os.PathLike) -> tuple[IO[bytes], str]:
         raise ImageDecodeError(f"cannot open {name!r}: {e.strerror or e}") from e
 
 
-def _load(image: ImageInput, image_size: int, fast: bool, max_pixels: int | None) -> np.ndarray:
+def _load(image: ImageInput, image_size: int, mode: str, max_pixels: int | None) -> np.ndarray:
     if isinstance(image, Image.Image):
         _check_pixels(image.size, max_pixels)
         try:
             load_first_frame(image)
             rgb = mode_to_rgb(image, WHITE, keep_gray=True)
-            return resize_crop(upright(rgb, orientation_of(image)), image_size, fast=fast)
+            return resize_by_mode(upright(rgb, orientation_of(image)), image_size, mode)
         except Exception as e:
             raise ImageDecodeError(
                 f"cannot decode {image.format or 'PIL'} image of mode {image.mode!r} "
@@ -374,32 +358,40 @@ def _load(image: ImageInput, image_size: int, fast: bool, max_pixels: int | None
             raise ImageDecodeError(str(e)) from None
         if rgb.shape[:2] == (image_size, image_size):
             return rgb.copy() if rgb is image else rgb
-        return resize_crop(Image.fromarray(rgb), image_size, fast=fast)
+        return resize_by_mode(Image.fromarray(rgb), image_size, mode)
     if isinstance(image, (bytes, bytearray, memoryview)):
         if len(image) == 0:
             raise ImageDecodeError("empty bytes")
         plain = not isinstance(image, memoryview) or (image.format == "B" and image.ndim == 1)
-        if fast and plain and (out := _fast_jpeg(image, "", image_size, max_pixels)) is not None:
+        fast = mode == "fast" and plain
+        if fast and (out := _fast_jpeg(image, "", image_size, max_pixels)) is not None:
             return out
-        return _decode_file(io.BytesIO(image), "", image_size, fast, max_pixels)
+        return _decode_file(io.BytesIO(image), "", image_size, mode, max_pixels)
     if isinstance(image, dict):
         data, path = image.get("bytes"), image.get("path")
         if data is not None:
-            return _load(data, image_size, fast, max_pixels)
+            return _load(data, image_size, mode, max_pixels)
         if path is not None:
-            return _load(path, image_size, fast, max_pixels)
+            return _load(path, image_size, mode, max_pixels)
         raise ImageDecodeError(
             f"dict with keys {sorted(map(str, image))} has neither 'bytes' nor 'path'"
         )
+    if isinstance(image, (list, tuple)):
+        try:
+            array = nested_to_array(image)
+        except ValueError as e:
+            raise ImageDecodeError(str(e)) from None
+        return _load(array, image_size, mode, max_pixels)
     if isinstance(image, (str, os.PathLike)):
         fp, source = _open_path(image)
         with fp:
-            data = _read_jpeg(fp) if fast and simplejpeg_available() else None
+            data = _read_jpeg(fp) if mode == "fast" and simplejpeg_available() else None
             out = None if data is None else _fast_jpeg(data, source, image_size, max_pixels)
-            return _decode_file(fp, source, image_size, fast, max_pixels) if out is None else out
+            return _decode_file(fp, source, image_size, mode, max_pixels) if out is None else out
     raise ImageDecodeError(
         f"unsupported input type {type(image).__module__}.{type(image).__qualname__}; expected "
-        "a PIL image, encoded bytes, a path or URL, a {'bytes', 'path'} dict or a numpy array"
+        "a PIL image, encoded bytes, a path or URL, a {'bytes', 'path'} dict, a numpy array or "
+        "nested lists of numbers"
     )
 
 
@@ -410,20 +402,19 @@ def _check_image_size(image_size: int) -> None:
         raise ValueError(f"image_size must be positive, got {image_size}")
 
 
-def _check_preprocess(preprocess: str, draft: object) -> bool:
-    """Validate the mode; True for "fast". ``draft`` (deprecated) only warns, once."""
+def _check_preprocess(preprocess: str, draft: object) -> None:
+    """Validate the mode. ``draft`` (deprecated) only warns, once."""
     global _DRAFT_WARNED
     if draft is not None and not _DRAFT_WARNED:
         _DRAFT_WARNED = True
         warnings.warn(
             "draft= is deprecated and ignored: JPEG drafting moved to preprocess='fast'; the "
-            "default preprocess='exact' gives the seed's pixels for every input form",
+            "default preprocess='exact' gives the reference pixels for every input form",
             DeprecationWarning,
             stacklevel=3,
         )
     if preprocess not in PREPROCESS_MODES:
         raise ValueError(f"preprocess must be one of {PREPROCESS_MODES}, got {preprocess!r}")
-    return preprocess == "fast"
 
 
 def load_image(
@@ -442,9 +433,9 @@ def load_image(
     ``draft`` is deprecated and ignored.
     """
     _check_image_size(image_size)
-    fast = _check_preprocess(preprocess, draft)
+    _check_preprocess(preprocess, draft)
     try:
-        return _load(image, int(image_size), fast, max_pixels)
+        return _load(image, int(image_size), preprocess, max_pixels)
     except ImageDecodeError as e:
         raise ImageDecodeError(e.reason, key) from e.__cause__
     except Exception as e:  # a decoder's own exception we did not anticipate

@@ -175,7 +175,8 @@ def _load_images(images: Iterable[ImageInput], model: Any, image_size: int | Non
     sample = list(images if limit is None else itertools.islice(images, limit))
     if not sample:
         raise ValueError("no images given")
-    return preprocess_batch(sample, size, on_error="raise").pixels
+    preprocess = model.config.preprocess  # the model family's own, as encoding uses
+    return preprocess_batch(sample, size, on_error="raise", preprocess=preprocess).pixels
 
 
 def _load_tokens(tokens: Any, limit: int) -> np.ndarray:
