@@ -11,7 +11,13 @@ when other processes share the core); the ratio is the median over rounds of ref
 seconds / ours (> 1: ours faster). Token agreement with the reference (float32, same images) is
 printed as a sanity check.
 
-    python benchmarks/families.py --families taming,llamagen --size 256 --rounds 5
+    bash benchmarks/fetch_references.sh     # once: the reference code, into third_party/
+    python benchmarks/families.py --families taming,llamagen,ibq,maskgit,open_magvit2 \
+        --size 256 --rounds 5
+
+The published architectures: taming's default VQGAN, LlamaGen VQ-16, IBQ-16384, MaskGIT's
+VQGAN (maskgit-vqgan-imagenet-f16-256.bin) and Open-MAGVIT2 (imagenet_lfqgan_256_L.yaml).
+taming's reference is the `taming-transformers` package; the others run from third_party/.
 
 A family is a `Bench` in `BENCHES`: its config and a function building its PyTorch reference
 (`Reference`); `compare(bench, args)` measures one.
@@ -120,6 +126,121 @@ def llamagen_reference(config: VQGANConfig, seed: int) -> Reference:
     )
 
 
+def _seed_voken(folder: str, *modules: str) -> list[Any]:
+    """SEED-Voken's modules exported to third_party/<folder> (benchmarks/fetch_references.sh).
+    IBQ and Open-MAGVIT2 both import as the package `src`, so a cached one is dropped first."""
+    import importlib
+
+    for name in [n for n in sys.modules if n == "src" or n.startswith("src.")]:
+        del sys.modules[name]
+    sys.path.insert(0, str(ROOT / "third_party" / folder))
+    try:
+        return [importlib.import_module(name) for name in modules]
+    finally:
+        sys.path.remove(str(ROOT / "third_party" / folder))
+
+
+def _ddconfig(config: VQGANConfig) -> dict[str, Any]:
+    """SEED-Voken's `ddconfig` for a config (its yaml's model.init_args.ddconfig)."""
+    return dict(double_z=False, z_channels=config.z_channels, resolution=config.resolution,
+                in_channels=config.in_channels, out_ch=config.out_ch, ch=config.ch,
+                ch_mult=list(config.ch_mult), num_res_blocks=config.num_res_blocks)
+
+
+def ibq_reference(config: VQGANConfig, seed: int) -> Reference:
+    """SEED-Voken's IBQ (src/IBQ/models/ibqgan.py's modules): taming's Encoder/Decoder and its
+    index-propagation quantizer, entropy loss on as in configs/IBQ/gpu/imagenet_ibqgan_*.yaml
+    (its encode computes it at inference too)."""
+    import torch
+
+    model_py, quantize_py = _seed_voken(
+        "ibq", "src.IBQ.modules.diffusionmodules.model", "src.IBQ.modules.vqvae.quantize")
+    torch.manual_seed(seed)
+    ddconfig = dict(_ddconfig(config), attn_resolutions=list(config.attn_resolutions),
+                    dropout=0.0)
+    model = torch.nn.Module()
+    model.encoder = model_py.Encoder(**ddconfig)
+    model.decoder = model_py.Decoder(**ddconfig)
+    model.quantize = quantize_py.IndexPropagationQuantize(
+        config.n_embed, config.embed_dim, beta=0.25, use_entropy_loss=True)
+    model.quant_conv = torch.nn.Conv2d(config.z_channels, config.embed_dim, 1)
+    model.post_quant_conv = torch.nn.Conv2d(config.embed_dim, config.z_channels, 1)
+    model.eval()
+    latents = lambda x: model.quant_conv(model.encoder(x))  # noqa: E731
+
+    def encode(pixels):
+        quant, _, (_, _, indices) = model.quantize(latents(pixels))
+        return quant, indices.reshape(pixels.shape[0], -1)
+
+    return Reference(
+        encode=encode, decode=lambda q: model.decoder(model.post_quant_conv(q)), latents=latents,
+        state=lambda: {k: v.detach().numpy() for k, v in model.state_dict().items()},
+        set_codebook=lambda c: _copy(model.quantize.embedding.weight, c),
+    )
+
+
+def maskgit_reference(config: VQGANConfig, seed: int) -> Reference:
+    """The PyTorch port of MaskGIT's VQGAN (1d-tokenizer's modeling/modules/maskgit_vqgan.py, as
+    its PretrainedTokenizer runs it: decode clamps to [0, 1]), in third_party/maskgit/torch_port."""
+    from types import SimpleNamespace
+
+    import torch
+
+    sys.path.insert(0, str(ROOT / "third_party" / "maskgit" / "torch_port"))
+    import maskgit_vqgan
+
+    torch.manual_seed(seed)
+    conf = SimpleNamespace(
+        channel_mult=list(config.ch_mult), num_resolutions=len(config.ch_mult), dropout=0.0,
+        hidden_channels=config.ch, num_channels=config.in_channels,
+        num_res_blocks=config.num_res_blocks, resolution=config.resolution,
+        z_channels=config.z_channels)
+    model = torch.nn.Module()
+    model.encoder = maskgit_vqgan.Encoder(conf)
+    model.decoder = maskgit_vqgan.Decoder(conf)
+    model.quantize = maskgit_vqgan.VectorQuantizer(config.n_embed, config.z_channels, 0.25)
+    model.eval()
+
+    def encode(pixels):
+        quant, indices, _ = model.quantize(model.encoder(pixels))
+        return quant, indices.reshape(pixels.shape[0], -1)
+
+    return Reference(
+        encode=encode, decode=lambda q: torch.clamp(model.decoder(q), 0.0, 1.0),
+        latents=model.encoder,
+        state=lambda: {k: v.detach().numpy() for k, v in model.state_dict().items()},
+        set_codebook=lambda c: _copy(model.quantize.embedding.weight, c),
+    )
+
+
+def open_magvit2_reference(config: VQGANConfig, seed: int) -> Reference:
+    """SEED-Voken's Open-MAGVIT2 (src/Open_MAGVIT2/models/lfqgan.py's modules): the MAGVIT2
+    Encoder/Decoder and the lookup-free quantizer, which has no codebook to set; its encode
+    computes the training losses too, as lfqgan.VQModel.encode does."""
+    import torch
+
+    model_py, lfq_py = _seed_voken(
+        "magvit2", "src.Open_MAGVIT2.modules.diffusionmodules.improved_model",
+        "src.Open_MAGVIT2.modules.vqvae.lookup_free_quantize")
+    torch.manual_seed(seed)
+    model = torch.nn.Module()
+    model.encoder = model_py.Encoder(**_ddconfig(config))
+    model.decoder = model_py.Decoder(**_ddconfig(config))
+    model.quantize = lfq_py.LFQ(dim=config.embed_dim, codebook_size=config.n_embed,
+                                sample_minimization_weight=1.0, batch_maximization_weight=1.0)
+    model.eval()
+
+    def encode(pixels):
+        (quant, _, indices), _ = model.quantize(model.encoder(pixels), return_loss_breakdown=True)
+        return quant, indices.reshape(pixels.shape[0], -1)
+
+    return Reference(
+        encode=encode, decode=model.decoder, latents=model.encoder,
+        state=lambda: {k: v.detach().numpy() for k, v in model.state_dict().items()},
+        set_codebook=lambda c: None,
+    )
+
+
 def _copy(parameter, values: np.ndarray) -> None:
     import torch
 
@@ -137,6 +258,23 @@ BENCHES: dict[str, Bench] = {
         "llamagen",
         lambda a: _narrowed(VQGANConfig(embed_dim=8, n_embed=16384, family="llamagen"), a),
         llamagen_reference,
+    ),
+    "ibq": Bench(  # IBQ-16384 (configs/IBQ/gpu/imagenet_ibqgan_16384.yaml)
+        "ibq",
+        lambda a: _narrowed(VQGANConfig(num_res_blocks=4, n_embed=16384, family="ibq"), a),
+        ibq_reference,
+    ),
+    "maskgit": Bench(  # maskgit-vqgan-imagenet-f16-256.bin
+        "maskgit",
+        lambda a: _narrowed(VQGANConfig(attn_resolutions=(), n_embed=1024, value_range=(0.0, 1.0),
+                                        family="maskgit"), a),
+        maskgit_reference, value_range=(0.0, 1.0),
+    ),
+    "open_magvit2": Bench(  # configs/Open-MAGVIT2/gpu/imagenet_lfqgan_256_L.yaml
+        "open_magvit2",
+        lambda a: _narrowed(VQGANConfig(num_res_blocks=4, attn_resolutions=(), z_channels=18,
+                                        embed_dim=18, n_embed=2**18, family="open_magvit2"), a),
+        open_magvit2_reference,
     ),
 }
 

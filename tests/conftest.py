@@ -6,6 +6,7 @@ import errno
 import os
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 # Tests mirror the package's folders; a few share helpers across folders (test_wds's shard makers,
@@ -18,6 +19,11 @@ for _folder in sorted(Path(__file__).parent.iterdir()):
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Many tests (and the CLI, worker and Ray processes they start) compile the same tiny programs:
+# one compilation cache for the whole run, new each run, shared by every process it starts.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="vqgan-tests-xla-"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402

@@ -95,6 +95,9 @@ def test_workers_are_fresh_interpreters_without_jax():
                     break
                 time.sleep(0.05)
             assert "PIL" in maps and "jaxlib" not in maps and "xla_extension" not in maps
+            # OpenCV (IBQ's resize) keeps to one thread per worker instead of one per core.
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            assert b"OPENCV_FOR_THREADS_NUM=1" in environ
 
 
 PARENT_SCRIPT = textwrap.dedent(

@@ -59,8 +59,12 @@ class WorkerProcess:
                 os.ftruncate(arena_fd, SLOTS * SLOT_BYTES)
                 fds.append(arena_fd)
             args = {"fd": child.fileno(), "arena_fd": arena_fd, "path": sys.path, "target": target}
+            # One image per worker at a time: OpenCV's own thread pool (IBQ's resize) would
+            # have every worker use every core.
+            env = {**os.environ, "OPENCV_FOR_THREADS_NUM": "1"}
             self.proc = subprocess.Popen([sys.executable, "-c", _BOOTSTRAP, json.dumps(args)],
-                                         pass_fds=fds, stdin=subprocess.DEVNULL, close_fds=True)
+                                         pass_fds=fds, stdin=subprocess.DEVNULL, close_fds=True,
+                                         env=env)
             self.arena = None if arena_fd is None else mmap.mmap(arena_fd, SLOTS * SLOT_BYTES)
         except BaseException:
             parent.close()
