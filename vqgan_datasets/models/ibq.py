@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 
 from . import taming
-from .checkpoints import CheckpointError
 from .config import VQGANConfig
+from .sourcefiles import config_from_seed_voken_yaml, lit_ema_weights
 
 logger = logging.getLogger(__name__)
 
@@ -70,26 +70,7 @@ def select_weights(state: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarra
     """The weights SEED-Voken's inference runs: each generator parameter's EMA copy when the file
     has them ("ema"), else the live weights (None). Training-only tensors stay for `to_flax`
     to skip; the EMA copies themselves are dropped."""
-    live = {k: v for k, v in state.items() if not k.startswith(_EMA_PREFIX)}
-    if not any(k.startswith(_EMA_PREFIX) for k in state):
-        return live, None
-    # LitEma names a copy by its parameter's name without dots (buffers cannot contain dots).
-    missing = []
-    for name in list(live):
-        if not name.startswith(_MODEL_PREFIXES):
-            continue
-        copy = _EMA_PREFIX + name.replace(".", "")
-        if copy in state:
-            live[name] = state[copy]
-        else:
-            missing.append(f"{name} (no {copy})")
-    if missing:
-        raise CheckpointError(
-            f"the file has EMA copies (model_ema.*) but not of every parameter: "
-            f"{'; '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}"
-        )
-    logger.info("IBQ checkpoint: using its EMA weights (model_ema.*), as SEED-Voken's inference")
-    return live, "ema"
+    return lit_ema_weights(state, _MODEL_PREFIXES, "IBQ")
 
 
 def infer_config(names_to_shapes: Mapping[str, tuple[int, ...]],
@@ -103,26 +84,7 @@ def infer_config(names_to_shapes: Mapping[str, tuple[int, ...]],
 
 
 def _from_yaml(path: str | os.PathLike) -> VQGANConfig:
-    import yaml
-
-    with open(path, encoding="utf-8") as f:
-        doc = yaml.safe_load(f) or {}
-    model = doc.get("model", doc) if isinstance(doc, Mapping) else {}
-    args = model.get("init_args", model.get("params", model)) if isinstance(model, Mapping) else {}
-    if not isinstance(args, Mapping) or not isinstance(args.get("ddconfig"), Mapping):
-        raise CheckpointError(
-            f"{os.fspath(path)}: no model.init_args.ddconfig section (is it a SEED-Voken IBQ "
-            "yaml, configs/IBQ/gpu/*.yaml?)"
-        )
-    data = {k: v for k, v in args["ddconfig"].items() if k != "num_down"}
-    for key in ("n_embed", "embed_dim"):
-        if key in args:
-            data[key] = args[key]
-    data["family"] = FAMILY
-    try:
-        return VQGANConfig.from_dict(data)
-    except (TypeError, ValueError) as err:
-        raise CheckpointError(f"{os.fspath(path)}: {err}") from err
+    return config_from_seed_voken_yaml(path, "IBQ yaml, configs/IBQ/gpu/*.yaml", family=FAMILY)
 
 
 def to_flax(state: Mapping[str, np.ndarray], config: VQGANConfig) -> dict:

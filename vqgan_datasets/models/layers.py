@@ -377,3 +377,13 @@ class MidBlock(nn.Module):
         x = block(name="block_1")(x, deterministic)
         x = AttnBlock(self.norm_groups, self.dtype, name="attn_1")(x)
         return block(name="block_2")(x, deterministic)
+
+
+def token_grid(length: int, grid: tuple[int, int] | None) -> tuple[int, int]:
+    """The (h, w) grid of `length` raster-order tokens: `grid` when given, else the square one."""
+    if grid is not None:
+        return grid
+    side = int(round(length**0.5))
+    if side * side != length:
+        raise ValueError(f"{length} tokens are not a square grid; pass grid=(h, w)")
+    return side, side

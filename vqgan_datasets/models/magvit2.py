@@ -33,7 +33,9 @@ from .layers import (
     group_norm_cpu,
     norm_layer,
     per_backend,
+    token_grid,
 )
+from .sourcefiles import config_from_seed_voken_yaml, lit_ema_weights
 
 logger = logging.getLogger(__name__)
 
@@ -234,11 +236,7 @@ class OpenMAGVIT2(nn.Module):
     def decode_code(self, indices: jax.Array, grid: tuple[int, int] | None = None) -> jax.Array:
         """indices [B,h*w] (raster order) → pixels; a square grid unless `grid` says otherwise."""
         batch, length = indices.shape
-        if grid is None:
-            side = int(round(length**0.5))
-            if side * side != length:
-                raise ValueError(f"{length} tokens are not a square grid; pass grid=(h, w)")
-            grid = (side, side)
+        grid = token_grid(length, grid)
         codes = lfq_codes(indices, self.z_channels)
         return self.decode(codes.reshape(batch, *grid, self.z_channels))
 
@@ -313,31 +311,7 @@ def evidence(names_to_shapes: Mapping[str, tuple[int, ...]], extras: Mapping[str
 def select_weights(state: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], str | None]:
     """The weights SEED-Voken's evaluation runs (`ema_scope` when the model has `use_ema`): each
     network parameter's EMA copy when the file has them ("ema"), else the live weights (None)."""
-    live = {k: v for k, v in state.items() if not k.startswith(_EMA_PREFIX)}
-    if not any(k.startswith(_EMA_PREFIX) for k in state):
-        return live, None
-    if not any(k.startswith(_MODEL_PREFIXES) for k in live):
-        raise CheckpointError(
-            "the file holds EMA copies (model_ema.*) but no encoder.*/decoder.* tensors to name "
-            "them by; load the full Lightning checkpoint SEED-Voken saves"
-        )
-    missing = []
-    for name in list(live):
-        if not name.startswith(_MODEL_PREFIXES):
-            continue
-        copy = _EMA_PREFIX + name.replace(".", "")  # LitEma's buffer names have no dots
-        if copy in state:
-            live[name] = state[copy]
-        else:
-            missing.append(f"{name} (no {copy})")
-    if missing:
-        raise CheckpointError(
-            "the file has EMA copies (model_ema.*) but not of every parameter: "
-            f"{'; '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}"
-        )
-    logger.info("Open-MAGVIT2 checkpoint: using its EMA weights (model_ema.*), as SEED-Voken's "
-                "evaluation does")
-    return live, "ema"
+    return lit_ema_weights(state, _MODEL_PREFIXES, "Open-MAGVIT2")
 
 
 def _shape(shapes: Mapping[str, tuple[int, ...]], name: str) -> tuple[int, ...]:
@@ -375,26 +349,8 @@ def infer_config(names_to_shapes: Mapping[str, tuple[int, ...]],
 
 
 def _from_yaml(path: str | os.PathLike) -> VQGANConfig:
-    import yaml
-
-    with open(path, encoding="utf-8") as f:
-        doc = yaml.safe_load(f) or {}
-    model = doc.get("model", doc) if isinstance(doc, Mapping) else {}
-    args = model.get("init_args", model.get("params", model)) if isinstance(model, Mapping) else {}
-    if not isinstance(args, Mapping) or not isinstance(args.get("ddconfig"), Mapping):
-        raise CheckpointError(
-            f"{os.fspath(path)}: no model.init_args.ddconfig section (is it a SEED-Voken "
-            "Open-MAGVIT2 yaml, configs/Open-MAGVIT2/gpu/*.yaml?)"
-        )
-    data = {k: v for k, v in args["ddconfig"].items() if k != "num_down"}
-    data.update(attn_resolutions=[], family=FAMILY)
-    for key in ("n_embed", "embed_dim"):
-        if key in args:
-            data[key] = args[key]
-    try:
-        return VQGANConfig.from_dict(data)
-    except (TypeError, ValueError) as err:
-        raise CheckpointError(f"{os.fspath(path)}: {err}") from err
+    return config_from_seed_voken_yaml(path, "Open-MAGVIT2 yaml, configs/Open-MAGVIT2/gpu/*.yaml",
+                                       attn_resolutions=[], family=FAMILY)
 
 
 def _flax_path(name: str, ndim: int) -> tuple[str, ...] | None:

@@ -27,6 +27,7 @@ from .layers import (
     Dtype,
     norm_layer,
     per_backend,
+    token_grid,
     upsample_accelerator,
     upsample_cpu,
 )
@@ -217,11 +218,7 @@ class MaskGITVQGAN(nn.Module):
     def decode_code(self, indices: jax.Array, grid: tuple[int, int] | None = None) -> jax.Array:
         """indices [B,h*w] (raster order) → pixels; a square grid unless `grid` says otherwise."""
         batch, length = indices.shape
-        if grid is None:
-            side = int(round(length**0.5))
-            if side * side != length:
-                raise ValueError(f"{length} tokens are not a square grid; pass grid=(h, w)")
-            grid = (side, side)
+        grid = token_grid(length, grid)
         return self.decode(self.quantize.lookup(indices).reshape(batch, *grid, self.z_channels))
 
     def __call__(self, pixels: jax.Array, deterministic: bool = True):

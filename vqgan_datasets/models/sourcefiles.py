@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from .checkpoints import CheckpointError
+from .config import VQGANConfig
 
 logger = logging.getLogger(__name__)
 
@@ -188,3 +189,62 @@ def _load_weights_only(torch, path: str):
             f"{str(err).splitlines()[0] if str(err) else ''}). If you trust this file, pass "
             "unsafe_pickle=True (CLI: --unsafe-pickle); that runs code from the file."
         ) from err
+
+
+def config_from_seed_voken_yaml(path: str | os.PathLike, what: str,
+                                **fields: Any) -> VQGANConfig:
+    """A VQGANConfig from a SEED-Voken model yaml (`model.init_args.ddconfig` plus `n_embed`,
+    `embed_dim`), with `fields` set on top; errors name the file. `what` names the expected
+    yaml in the error (e.g. "IBQ yaml, configs/IBQ/gpu/*.yaml")."""
+    import yaml
+
+    with open(path, encoding="utf-8") as f:
+        doc = yaml.safe_load(f) or {}
+    model = doc.get("model", doc) if isinstance(doc, Mapping) else {}
+    args = model.get("init_args", model.get("params", model)) if isinstance(model, Mapping) else {}
+    if not isinstance(args, Mapping) or not isinstance(args.get("ddconfig"), Mapping):
+        raise CheckpointError(
+            f"{os.fspath(path)}: no model.init_args.ddconfig section (is it a SEED-Voken {what}?)"
+        )
+    data = {k: v for k, v in args["ddconfig"].items() if k != "num_down"}
+    data.update({key: args[key] for key in ("n_embed", "embed_dim") if key in args})
+    data.update(fields)
+    try:
+        return VQGANConfig.from_dict(data)
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{os.fspath(path)}: {err}") from err
+
+
+LIT_EMA_PREFIX = "model_ema."  # where SEED-Voken's LitEma keeps its copies in a checkpoint
+
+
+def lit_ema_weights(state: Mapping[str, np.ndarray], model_prefixes: tuple[str, ...],
+                    family: str) -> tuple[dict[str, np.ndarray], str | None]:
+    """The weights SEED-Voken's inference runs (`ema_scope`): each parameter under
+    `model_prefixes` replaced by its LitEma copy when the file has copies ("ema"), else the live
+    weights (None). The copies themselves are dropped; other tensors stay."""
+    live = {k: v for k, v in state.items() if not k.startswith(LIT_EMA_PREFIX)}
+    if not any(k.startswith(LIT_EMA_PREFIX) for k in state):
+        return live, None
+    if not any(k.startswith(model_prefixes) for k in live):
+        raise CheckpointError(
+            f"the file holds EMA copies ({LIT_EMA_PREFIX}*) but no {'/'.join(model_prefixes)} "
+            "tensors to name them by; load the full Lightning checkpoint SEED-Voken saves"
+        )
+    missing = []
+    for name in list(live):
+        if not name.startswith(model_prefixes):
+            continue
+        copy = LIT_EMA_PREFIX + name.replace(".", "")  # LitEma's buffer names have no dots
+        if copy in state:
+            live[name] = state[copy]
+        else:
+            missing.append(f"{name} (no {copy})")
+    if missing:
+        raise CheckpointError(
+            f"the file has EMA copies ({LIT_EMA_PREFIX}*) but not of every parameter: "
+            f"{'; '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}"
+        )
+    logger.info("%s checkpoint: using its EMA weights (%s*), as SEED-Voken's inference does",
+                family, LIT_EMA_PREFIX)
+    return live, "ema"

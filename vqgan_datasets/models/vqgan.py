@@ -20,7 +20,7 @@ import numpy as np
 
 from . import magvit2, maskgit
 from .config import VQGANConfig
-from .layers import Dtype, Level, MidBlock, conv_layer, norm_layer
+from .layers import Dtype, Level, MidBlock, conv_layer, norm_layer, token_grid
 from .quantizers import VectorQuantizer
 
 
@@ -158,11 +158,7 @@ class VQGAN(nn.Module):
     def decode_code(self, indices: jax.Array, grid: tuple[int, int] | None = None) -> jax.Array:
         """indices [B,h*w] (raster order) → pixels; a square grid unless `grid` says otherwise."""
         batch, length = indices.shape
-        if grid is None:
-            side = int(round(length**0.5))
-            if side * side != length:
-                raise ValueError(f"{length} tokens are not a square grid; pass grid=(h, w)")
-            grid = (side, side)
+        grid = token_grid(length, grid)
         quantized = self.quantize.lookup(indices).reshape(batch, *grid, self.embed_dim)
         return self.decode(quantized)
 
