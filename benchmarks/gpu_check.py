@@ -286,6 +286,16 @@ def taming_rows(args, reference, inputs, table, outputs) -> None:
                       f"{str(error).splitlines()[0][:160]}")
 
 
+def _tiny(family: str) -> VQGANConfig:
+    """The tiny config in `family`'s shape (MaskGIT: no attention; Open-MAGVIT2: 2^z codes)."""
+    if family == "open_magvit2":
+        return TINY.replace(family=family, attn_resolutions=(), z_channels=10, embed_dim=10,
+                            n_embed=2**10)
+    if family == "maskgit":  # no attention, embed_dim == z_channels
+        return TINY.replace(family=family, attn_resolutions=(), value_range=(0.0, 1.0))
+    return TINY.replace(family=family)
+
+
 def family_rows(args) -> None:
     """Each tokenizer family's published architecture (benchmarks/families.py), model only,
     our random init: encode (quantizer included) and decode, bf16 and f32 default, first batch."""
@@ -298,8 +308,7 @@ def family_rows(args) -> None:
     table = Table(args.peak_tflops, None)
     for name, bench in BENCHES.items():
         try:
-            config = (TINY.replace(family=name) if args.tiny
-                      else bench.config(argparse.Namespace(ch=None)))
+            config = (_tiny(name) if args.tiny else bench.config(argparse.Namespace(ch=None)))
             params = jax.device_put(init_params(config, args.seed))
             size = config.resolution
             grid = config.grid_shape(size)

@@ -69,7 +69,7 @@ run)
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
     python -c "import sys, jax, flax, torch; print('python', sys.version.split()[0], \
 'jax', jax.__version__, 'flax', flax.__version__, 'torch', torch.__version__, jax.devices())"
-    python benchmarks/gpu_check.py --vqgan-jax third_party/vqgan-jax --e2e
+    python benchmarks/gpu_check.py --vqgan-jax third_party/vqgan-jax --e2e --families
     ;;
 *)
     echo "usage: $0 install | fetch [PACKAGE ...] | install-offline | run" >&2
