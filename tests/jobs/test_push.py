@@ -16,6 +16,7 @@ from conftest import SAMPLES
 from vqgan_datasets.hf import VQGANDetokenizer, read_metadata
 from vqgan_datasets.jobs import commands as jobs
 from vqgan_datasets.jobs import push as push_module
+from vqgan_datasets.jobs.overlap import OutputIsInputError
 from vqgan_datasets.jobs.push import push
 from vqgan_datasets.metadata import METADATA_KEY
 
@@ -63,6 +64,14 @@ def test_dry_run_of_a_token_dataset_reads_back(token_dataset, tmp_path):
     push(token_dataset, "org/name", dry_run=tmp_path / "again")
     for name in files:
         assert (tmp_path / "again" / name).read_bytes() == (tmp_path / "hub" / name).read_bytes()
+
+
+def test_a_dry_run_into_its_own_source_is_refused(token_shards):
+    before = sorted(p.name for p in token_shards.iterdir())
+    for target in (token_shards, token_shards.parent, token_shards / ".." / token_shards.name):
+        with pytest.raises(OutputIsInputError, match="output folder"):
+            push(token_shards, "org/name", dry_run=target)
+    assert sorted(p.name for p in token_shards.iterdir()) == before
 
 
 def test_dry_run_of_token_shards_reads_back(token_shards, tmp_path):

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from .inputs import DATASET_FILES, find_token_shards
+from .overlap import check_outputs
 
 __all__ = ["COMMIT_BYTES", "COMMIT_FILES", "push"]
 
@@ -48,6 +49,8 @@ def push(
     dataset repo `repo_id` (created if missing). `dry_run`: write exactly the files that would
     be uploaded into that folder instead (it then reads back with `load_dataset(dry_run)`).
     Returns a summary: files, bytes, what was uploaded now and what the repo already had."""
+    if dry_run is not None:  # before anything is read: the dry run must not write over its source
+        check_outputs([source], folders=[dry_run])
     with tempfile.TemporaryDirectory(prefix="vqgan-datasets-push-") as scratch:
         plan = _plan(Path(os.fspath(source)), Path(scratch), max_shard_size)
         size = sum(local.stat().st_size for _, local in plan)
